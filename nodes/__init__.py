@@ -1,0 +1,20 @@
+"""The pack's nodes: thin adapters from ComfyUI's node contract to pipelines_core."""
+
+from .cross_frame_sampler import VE_CrossFrameSampler
+from .load_model import VE_LoadModel
+from .load_video import VE_LoadVideo
+from .video_encode import VE_VideoEncode
+
+NODE_CLASS_MAPPINGS = {
+    "VE_LoadVideo": VE_LoadVideo,
+    "VE_LoadModel": VE_LoadModel,
+    "VE_CrossFrameSampler": VE_CrossFrameSampler,
+    "VE_VideoEncode": VE_VideoEncode,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "VE_LoadVideo": "Load Video (Video Edit)",
+    "VE_LoadModel": "Load Model (Video Edit)",
+    "VE_CrossFrameSampler": "Cross-Frame Sampler",
+    "VE_VideoEncode": "Video Encode",
+}

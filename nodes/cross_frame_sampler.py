@@ -1,0 +1,76 @@
+"""Cross-Frame Sampler: denoise all frames of a clip together under one prompt."""
+
+from __future__ import annotations
+
+from . import comfy_bridge
+from ..pipelines_core.attention import RULES
+from ..pipelines_core.models import decode_latents
+from ..pipelines_core.sampler import NOISE_MODES, SamplerSettings, edit_video
+from ..pipelines_core.schedulers import SCHEDULERS
+
+
+class VE_CrossFrameSampler:
+    DESCRIPTION = (
+        "Edit (images connected: SDEdit with the given strength) or generate (no images: from noise) a clip, "
+        "holding frames together with cross-frame self-attention. Outputs the frames and their latents."
+    )
+    CATEGORY = "video edit/sampling"
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("frames", "latent")
+    OUTPUT_TOOLTIPS = ("The edited frames.", "Their latents, ComfyUI convention (unscaled).")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("VE_MODEL", {"tooltip": "From Load Model (or LoRA Apply)."}),
+                "prompt": ("STRING", {"multiline": True, "default": "a watercolor painting",
+                                      "tooltip": "What the edited clip should show."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "What to steer away from (the unconditional half of CFG)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**53 - 1,
+                                 "tooltip": "Noise seed; frame f uses seed + f unless noise is shared."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps of the full schedule."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale (1 = no guidance, half the compute)."}),
+                "scheduler": (list(SCHEDULERS), {"default": "ddim",
+                                                 "tooltip": "Deterministic samplers: DDIM, Euler, DPM++ 2M."}),
+                "strength": ("FLOAT", {"default": 0.6, "min": 0.01, "max": 1.0, "step": 0.01,
+                                       "tooltip": "With images: how much of the schedule to re-run (SDEdit). "
+                                                  "Low keeps the clip, high follows the prompt."}),
+                "noise": (list(NOISE_MODES), {"default": "per_frame",
+                                              "tooltip": "per_frame: independent noise per frame; shared: the same "
+                                                         "noise for every frame (Text2Video-Zero, ControlVideo)."}),
+                "attention": (list(RULES), {"default": "first+previous",
+                                            "tooltip": "Which frames each frame's self-attention reads: none, the "
+                                                       "first, the previous, first+previous (sparse-causal), all."}),
+                "chunk_size": ("INT", {"default": 8, "min": 1, "max": 256,
+                                       "tooltip": "Frames denoised together; the first frame joins every chunk as "
+                                                  "anchor so chunks do not seam. Lower it if memory runs out."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Frames to edit. Leave unconnected to generate from noise."}),
+                "frame_count": ("INT", {"default": 8, "min": 1, "max": 4096,
+                                        "tooltip": "Frames to generate when no images are connected."}),
+                "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
+                                  "tooltip": "Width to generate when no images are connected (multiple of 8)."}),
+                "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
+                                   "tooltip": "Height to generate when no images are connected (multiple of 8)."}),
+            },
+        }
+
+    def sample(self, model, prompt, negative_prompt, seed, steps, cfg, scheduler, strength, noise, attention,
+               chunk_size, images=None, frame_count=8, width=512, height=512):
+        settings = SamplerSettings(
+            prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
+            strength=strength, noise=noise, attention=attention, chunk_size=chunk_size,
+        )
+        if images is None and (width % 8 or height % 8):
+            raise ValueError(f"Cross-Frame Sampler: size {width}x{height} must be a multiple of 8")
+        latents = edit_video(
+            model, settings, images=images, frame_count=frame_count, size=(height, width),
+            progress=comfy_bridge.progress("Cross-Frame Sampler"),
+        )
+        frames = decode_latents(model, latents, progress=comfy_bridge.progress("VAE decode"))
+        return (frames, {"samples": (latents / model.vae_scale).float().cpu()})

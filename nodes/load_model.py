@@ -1,0 +1,73 @@
+"""Load Model: a Stable Diffusion model (builtin:tiny, a diffusers folder or a single-file checkpoint)."""
+
+from __future__ import annotations
+
+import os
+
+from . import comfy_bridge
+from ..pipelines_core.models import BUILTIN_TINY, DEVICES, DTYPES, load_model
+
+
+def model_choices() -> list[str]:
+    return [BUILTIN_TINY] + comfy_bridge.model_files("checkpoints") + sorted(comfy_bridge.diffusers_folders())
+
+
+def resolve_model(name: str) -> str:
+    if name == BUILTIN_TINY:
+        return name
+    found = comfy_bridge.model_path("checkpoints", name) or comfy_bridge.diffusers_folders().get(name)
+    if found:
+        return found
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return path
+    raise FileNotFoundError(
+        f"Load Model: {name!r} not found; pick a checkpoint, a diffusers folder, or give a path (builtin:tiny runs anywhere)"
+    )
+
+
+class VE_LoadModel:
+    DESCRIPTION = (
+        "Load a Stable Diffusion 1.5-class model for video editing: a checkpoint from ComfyUI's checkpoints "
+        "folder, a diffusers folder, a path, or builtin:tiny (random weights, for trying graphs; not a real edit)."
+    )
+    CATEGORY = "video edit/models"
+    RETURN_TYPES = ("VE_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("UNet, VAE, text encoder and tokenizer, on the chosen device.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "checkpoint": (model_choices(), {
+                    "tooltip": "A .safetensors SD-1.5 checkpoint, a diffusers folder (models/diffusers), a path, "
+                               "or builtin:tiny.",
+                }),
+                "dtype": (list(DTYPES), {"default": "fp32",
+                                         "tooltip": "Weights precision: fp16/bf16 halve memory on a GPU; use fp32 on a CPU."}),
+                "device": (list(DEVICES), {"default": "auto",
+                                           "tooltip": "Where to run: auto = ComfyUI's device (GPU if any), or force one."}),
+            },
+            "optional": {
+                "tokenizer": ("STRING", {"default": "",
+                                         "tooltip": "Folder with SD-1.5's CLIP tokenizer (vocab.json, merges.txt) for a "
+                                                    "single-file checkpoint; empty = next to the checkpoint or ComfyUI's own."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, checkpoint):
+        try:
+            resolve_model(checkpoint)
+        except FileNotFoundError as e:
+            return str(e)
+        return True
+
+    def load(self, checkpoint, dtype, device, tokenizer=""):
+        model = load_model(
+            resolve_model(checkpoint), dtype=dtype, device=comfy_bridge.device_choice(device),
+            tokenizer_dir=tokenizer or None, tokenizer_candidates=comfy_bridge.comfy_tokenizer_dirs(),
+        )
+        return (model,)

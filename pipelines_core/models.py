@@ -1,0 +1,186 @@
+"""Load Model's engine: a Stable Diffusion model as its components, from wherever the user keeps it.
+
+Sources (all offline; nothing is ever downloaded):
+  * "builtin:tiny"                - a small random SD-shaped model built in-process (tiny.py);
+  * a diffusers folder            - a directory holding model_index.json and unet/ vae/ text_encoder/ tokenizer/;
+  * a single-file checkpoint      - .safetensors/.ckpt in the original SD layout, converted with the
+                                    SD-1.5 component configs shipped in configs/sd15 (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+
+BUILTIN_TINY = "builtin:tiny"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+@dataclass(frozen=True, eq=False)
+class VEModel:
+    """The components a video sampler needs, plus where they came from.
+
+    Frozen: nodes that change a model (LoRA Apply) return a new VEModel via `replace`, sharing the
+    weights, so a model another branch of the graph uses is never altered.
+    """
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    loras: tuple = field(default=())
+
+    @property
+    def vae_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def with_changes(self, **changes) -> "VEModel":
+        return replace(self, **changes)
+
+    def __repr__(self) -> str:  # ComfyUI str()s inputs into error reports: keep it short
+        extra = f", {len(self.loras)} LoRA" if self.loras else ""
+        return f"VEModel({self.source!r}, {str(self.dtype).removeprefix('torch.')}, {self.device}{extra})"
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; never hard-codes one."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; choose 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def is_diffusers_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def _load_diffusers_folder(path: str, torch_dtype: torch.dtype) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def sub(name: str) -> str:
+        folder = os.path.join(path, name)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"diffusers folder {path!r} has no {name}/ subfolder; is it a Stable Diffusion model?")
+        return folder
+
+    import json
+
+    with open(os.path.join(sub("scheduler"), "scheduler_config.json"), encoding="utf-8") as f:
+        scheduler_config = json.load(f)
+    kw = dict(torch_dtype=torch_dtype, local_files_only=True)
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(sub("unet"), **kw),
+        "vae": AutoencoderKL.from_pretrained(sub("vae"), **kw),
+        "text_encoder": CLIPTextModel.from_pretrained(sub("text_encoder"), **kw),
+        "tokenizer": CLIPTokenizer.from_pretrained(sub("tokenizer"), local_files_only=True),
+        "scheduler_config": scheduler_config,
+    }
+
+
+def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Optional[str] = None,
+                    tokenizer_candidates: Sequence[str] = ()) -> dict:
+    if source == BUILTIN_TINY:
+        from .tiny import tiny_components
+
+        return tiny_components()
+    if is_diffusers_folder(source):
+        return _load_diffusers_folder(source, torch_dtype)
+    if os.path.isfile(source) and source.lower().endswith(CHECKPOINT_EXTENSIONS):
+        from .checkpoint import find_tokenizer_dir, load_single_file
+
+        tok = find_tokenizer_dir(source, tokenizer_dir or None, tuple(tokenizer_candidates))
+        return load_single_file(source, tokenizer_dir=tok, torch_dtype=torch_dtype)
+    if os.path.isdir(source):
+        raise FileNotFoundError(f"{source!r} is a folder without model_index.json: point at a diffusers model folder")
+    raise FileNotFoundError(
+        f"model {source!r} not found: give 'builtin:tiny', a diffusers folder, or a .safetensors/.ckpt file"
+    )
+
+
+def load_model(source: str, dtype: str = "fp32", device: str = "auto", tokenizer_dir: Optional[str] = None,
+               tokenizer_candidates: Sequence[str] = ()) -> VEModel:
+    """Load a model and put it on `device` in `dtype`, ready for sampling (eval mode, no grads)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    target = resolve_device(device)
+    if target.type == "cpu" and torch_dtype == torch.float16:
+        raise ValueError("fp16 on the CPU is unsupported by many kernels; choose fp32 (or bf16) for the CPU")
+    parts = load_components(source, torch_dtype, tokenizer_dir, tokenizer_candidates)
+    for name in ("unet", "vae", "text_encoder"):
+        module = parts[name].to(device=target)
+        if module.dtype != torch_dtype:
+            module = module.to(dtype=torch_dtype)
+        parts[name] = module.eval().requires_grad_(False)
+    return VEModel(source=source, device=target, dtype=torch_dtype, **parts)
+
+
+# --- what every recipe does with a model -------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompt(model: VEModel, prompt: str) -> torch.Tensor:
+    """CLIP text embeddings (1, 77, D), exactly as diffusers' Stable Diffusion pipelines compute them."""
+    tok = model.tokenizer(
+        prompt, padding="max_length", max_length=model.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    mask = None
+    if getattr(model.text_encoder.config, "use_attention_mask", False):
+        mask = tok.attention_mask.to(model.device)
+    embeds = model.text_encoder(tok.input_ids.to(model.device), attention_mask=mask)[0]
+    return embeds.to(model.dtype)
+
+
+def frames_to_pixels(frames: torch.Tensor, model: VEModel) -> torch.Tensor:
+    """ComfyUI IMAGE (F, H, W, 3) in 0..1 -> VAE input (F, 3, H, W) in -1..1 on the model's device."""
+    return (frames.permute(0, 3, 1, 2) * 2 - 1).to(model.device, model.dtype)
+
+
+@torch.no_grad()
+def encode_frames(model: VEModel, frames: torch.Tensor, generators: Optional[Sequence[torch.Generator]] = None,
+                  batch: int = 4) -> torch.Tensor:
+    """Scaled latents (F, 4, H/8, W/8). With `generators` (one per frame) the VAE posterior is sampled
+    the way diffusers' img2img does; without, its mean is taken (deterministic, for inversion)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    out = []
+    for start in range(0, frames.shape[0], batch):
+        dist = model.vae.encode(frames_to_pixels(frames[start:start + batch], model)).latent_dist
+        for j in range(dist.mean.shape[0]):
+            mean, std = dist.mean[j:j + 1], dist.std[j:j + 1]
+            if generators is None:
+                out.append(mean)
+            else:
+                noise = randn_tensor(mean.shape, generator=generators[start + j], device=mean.device, dtype=mean.dtype)
+                out.append(mean + std * noise)
+    return torch.cat(out) * model.vae_scale
+
+
+@torch.no_grad()
+def decode_latents(model: VEModel, latents: torch.Tensor, batch: int = 4, progress=None) -> torch.Tensor:
+    """Scaled latents (F, 4, h, w) -> ComfyUI IMAGE (F, 8h, 8w, 3) in 0..1 on the CPU, a few frames at a time."""
+    images = []
+    total = latents.shape[0]
+    for start in range(0, total, batch):
+        chunk = latents[start:start + batch].to(model.device, model.vae.dtype) / model.vae_scale
+        pixels = model.vae.decode(chunk).sample
+        images.append(((pixels.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu())
+        if progress is not None:
+            progress(min(start + batch, total), total)
+    return torch.cat(images)

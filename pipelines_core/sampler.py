@@ -1,0 +1,291 @@
+"""The Cross-Frame Sampler: one denoising loop for every method, extended by hooks and processors.
+
+The loop (`denoise_loop`) is a plain function in the spirit of k-diffusion's samplers: it takes a
+model callable, latents, a scheduler and its timesteps, and a progress callback. A method changes
+it only through
+  * attention processors installed on the UNet for the duration of sampling (cross-frame rules;
+    later: injection), and
+  * hooks at three named points of every step (`Hooks`): before the model call, on the clean
+    estimate x0, and after the scheduler step. A hook gets the step's `StepState` and returns the
+    tensor the loop goes on with.
+`edit_video` is the recipe that reads top to bottom: check -> encode prompts -> starting latents ->
+attach processors -> sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .attention import NEEDS_ANCHOR, NEEDS_PREVIOUS, FrameLayout, VideoAttnProcessor, attention_processors, get_rule
+from .attention.attach import is_self_attention
+from .attention.rules import own_frame
+from .models import VEModel, encode_frames, encode_prompt
+from .progress import Progress, or_silent
+from .schedulers import SCHEDULERS, eps_from_x0, make_scheduler, predicted_x0
+
+NOISE_MODES = ("per_frame", "shared")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 7.5
+    scheduler: str = "ddim"
+    strength: float = 0.6  # used when starting from images (SDEdit): fraction of the schedule re-run
+    noise: str = "per_frame"  # "per_frame": frame f uses seed + f; "shared": every frame the same noise
+    attention: str = "first+previous"
+    chunk_size: int = 8  # frames denoised together; the anchor frame joins every chunk
+
+    def check(self, frame_count: int, from_images: bool) -> None:
+        """Every setting checked before the first step; messages say what to change."""
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1 (got {self.steps})")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"unknown noise mode {self.noise!r}; choose one of {', '.join(NOISE_MODES)}")
+        get_rule(self.attention)
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1 (got {self.chunk_size})")
+        if frame_count < 1:
+            raise ValueError("no frames to sample")
+        if from_images:
+            if not 0.0 < self.strength <= 1.0:
+                raise ValueError(f"strength must be in (0, 1] (got {self.strength})")
+            if int(self.steps * self.strength) < 1:
+                raise ValueError(
+                    f"strength {self.strength} with {self.steps} steps runs no step; raise strength or steps"
+                )
+
+
+# --- hooks -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepState:
+    """What a hook sees: the step, the current latents, and (at on_x0) the model's estimates."""
+
+    index: int
+    timestep: torch.Tensor
+    total: int
+    latents: torch.Tensor
+    eps: Optional[torch.Tensor] = None
+    x0: Optional[torch.Tensor] = None
+
+
+Hook = Callable[[StepState], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    before_model: Sequence[Hook] = ()  # -> latents fed to the model
+    on_x0: Sequence[Hook] = ()  # -> clean estimate the step moves toward
+    after_step: Sequence[Hook] = ()  # -> latents after the scheduler step
+
+    def __add__(self, other: "Hooks") -> "Hooks":
+        return Hooks(
+            tuple(self.before_model) + tuple(other.before_model),
+            tuple(self.on_x0) + tuple(other.on_x0),
+            tuple(self.after_step) + tuple(other.after_step),
+        )
+
+
+def _fold(hooks: Sequence[Hook], state: StepState, attr: str) -> torch.Tensor:
+    for hook in hooks:
+        state = replace(state, **{attr: hook(state)})
+    return getattr(state, attr)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, t) -> guided eps
+
+
+def denoise_loop(
+    denoise: Denoiser,
+    latents: torch.Tensor,
+    scheduler,
+    scheduler_name: str,
+    timesteps: torch.Tensor,
+    hooks: Hooks = Hooks(),
+    progress: Optional[Progress] = None,
+) -> torch.Tensor:
+    """Run `scheduler` over `timesteps` from `latents`; the one denoising loop of the pack."""
+    progress = or_silent(progress)
+    total = len(timesteps)
+    first_index = getattr(scheduler, "begin_index", None) or 0
+    for i, t in enumerate(timesteps):
+        state = StepState(i, t, total, latents)
+        latents = _fold(hooks.before_model, state, "latents")
+        eps = denoise(scheduler.scale_model_input(latents, t), t)
+        if hooks.on_x0:
+            sigma_index = first_index + i  # where Euler's sigma table stands at this step
+            x0 = predicted_x0(scheduler_name, scheduler, latents, eps, t, sigma_index)
+            x0 = _fold(hooks.on_x0, StepState(i, t, total, latents, eps, x0), "x0")
+            eps = eps_from_x0(scheduler_name, scheduler, latents, x0, t, sigma_index)
+        latents = scheduler.step(eps, t, latents).prev_sample
+        latents = _fold(hooks.after_step, StepState(i, t, total, latents, eps), "latents")
+        progress(i + 1, total)
+    return latents
+
+
+# --- frames in chunks ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Chunk:
+    """Frames denoised in one model call: `frames` in batch order; outputs of `keep` positions are used."""
+
+    frames: tuple
+    keep: tuple
+
+
+def plan_chunks(frame_count: int, chunk_size: int, rule_name: str) -> list[Chunk]:
+    """Split frames into chunks; the anchor (frame 0) and, when the rule reads it, the frame before a
+    chunk join every later chunk as context, so rules see the frames they expect at fixed positions."""
+    chunks = []
+    for start in range(0, frame_count, chunk_size):
+        own = tuple(range(start, min(start + chunk_size, frame_count)))
+        context = []
+        if start > 0 and rule_name in NEEDS_ANCHOR:
+            context.append(0)
+        if start > 0 and rule_name in NEEDS_PREVIOUS and start - 1 not in context:
+            context.append(start - 1)
+        chunks.append(Chunk(tuple(context) + own, tuple(range(len(context), len(context) + len(own)))))
+    return chunks
+
+
+@dataclass
+class VideoDenoiser:
+    """Classifier-free-guided noise prediction for all frames, chunk by chunk.
+
+    The UNet batch of a chunk is laid out (chunk, frame) with chunks [uncond, cond], so the attention
+    processors gather frames only within one CFG half. With cfg == 1 the uncond half is skipped.
+    """
+
+    unet: torch.nn.Module
+    cond: torch.Tensor  # (1, 77, D)
+    uncond: torch.Tensor  # (1, 77, D)
+    cfg: float
+    chunks: list
+    extra_unet_kwargs: dict = field(default_factory=dict)
+
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = torch.empty_like(latents)
+        for chunk in self.chunks:
+            idx = list(chunk.frames)
+            eps_chunk = self._guided(latents[idx], t)
+            keep = list(chunk.keep)
+            eps[[chunk.frames[k] for k in keep]] = eps_chunk[keep]
+        return eps
+
+    def _guided(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.cfg == 1.0:
+            return self._unet(x, t, self.cond.expand(n, -1, -1), n)
+        both = self._unet(torch.cat([x, x]), t, torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(n, -1, -1)]), n)
+        uncond, cond = both.chunk(2)
+        return uncond + self.cfg * (cond - uncond)
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+        return self.unet(
+            x, t, encoder_hidden_states=context, cross_attention_kwargs={"layout": FrameLayout(frames)},
+            **self.extra_unet_kwargs,
+        ).sample
+
+
+# --- starting latents ---------------------------------------------------------------------------
+
+def frame_generators(seed: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per frame, frame f seeded `seed + f`: a frame's noise does not depend on how
+    many frames are loaded, and frame f matches diffusers' pipelines run with `seed + f`."""
+    return [torch.Generator("cpu").manual_seed(seed + f) for f in range(count)]
+
+
+def initial_noise(shape: tuple, settings: SamplerSettings, generators: Sequence[torch.Generator],
+                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    one = (1,) + tuple(shape[1:])
+    if settings.noise == "shared":
+        g = torch.Generator("cpu").manual_seed(settings.seed)
+        return randn_tensor(one, generator=g, device=device, dtype=dtype).expand(shape).clone()
+    return torch.cat([randn_tensor(one, generator=g, device=device, dtype=dtype) for g in generators])
+
+
+def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """The tail of the schedule SDEdit re-runs (same arithmetic as diffusers' img2img pipeline)."""
+    init = min(int(steps * strength), steps)
+    start = max(steps - init, 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return scheduler.timesteps[start * scheduler.order:]
+
+
+# --- the recipe ---------------------------------------------------------------------------------
+
+def check_frames(frames: torch.Tensor) -> None:
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"images must be a ComfyUI IMAGE batch (frames, height, width, 3), got {tuple(frames.shape)}")
+    h, w = frames.shape[1:3]
+    if h % 8 or w % 8:
+        raise ValueError(f"frame size {w}x{h} is not a multiple of 8; set Load Video's size to a multiple of 8")
+
+
+def edit_video(
+    model: VEModel,
+    settings: SamplerSettings,
+    images: Optional[torch.Tensor] = None,
+    frame_count: Optional[int] = None,
+    size: Optional[tuple] = None,
+    hooks: Hooks = Hooks(),
+    progress: Optional[Progress] = None,
+) -> torch.Tensor:
+    """Sample a video's latents (F, 4, H/8, W/8), scaled as diffusers' latents are.
+
+    Starts from `images` (ComfyUI IMAGE) partly noised by `settings.strength` (SDEdit), or from noise
+    for `frame_count` frames of `size` (height, width) when no images are given.
+    """
+    # 1. Check inputs
+    from_images = images is not None
+    if from_images:
+        check_frames(images)
+        frame_count, size = images.shape[0], tuple(images.shape[1:3])
+    elif frame_count is None or size is None:
+        raise ValueError("give images to edit, or a frame count and size to generate from noise")
+    settings.check(frame_count, from_images)
+    device, dtype = model.device, model.dtype
+
+    # 2. Encode the prompts
+    cond = encode_prompt(model, settings.prompt)
+    uncond = encode_prompt(model, settings.negative_prompt)
+
+    # 3. Timesteps and starting latents
+    scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
+    scheduler.set_timesteps(settings.steps, device=device)
+    generators = frame_generators(settings.seed, frame_count)
+    latent_shape = (frame_count, model.unet.config.in_channels, size[0] // 8, size[1] // 8)
+    if from_images:
+        timesteps = img2img_timesteps(scheduler, settings.steps, settings.strength)
+        clean = encode_frames(model, images, generators)
+        noise = initial_noise(latent_shape, settings, generators, device, dtype)
+        latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(frame_count))
+    else:
+        timesteps = scheduler.timesteps
+        latents = initial_noise(latent_shape, settings, generators, device, dtype) * scheduler.init_noise_sigma
+
+    # 4. Attach the cross-frame attention rule and sample
+    rule = get_rule(settings.attention)
+    denoiser = VideoDenoiser(
+        model.unet, cond, uncond, settings.cfg, plan_chunks(frame_count, settings.chunk_size, settings.attention)
+    )
+
+    def processor_for(name: str) -> VideoAttnProcessor:
+        return VideoAttnProcessor(rule if is_self_attention(name) else own_frame)
+
+    with torch.no_grad(), attention_processors(model.unet, processor_for):
+        return denoise_loop(denoiser, latents, scheduler, settings.scheduler, timesteps, hooks, progress)

@@ -1,0 +1,168 @@
+"""`builtin:tiny`: a small random model with Stable Diffusion's shape, built in-process.
+
+It lets the demo and the tests run anywhere, offline, in seconds. Its weights are random, so its
+output is not a meaningful edit: it only proves that the graph runs end to end. Point Load Model at a
+real SD-1.5 checkpoint for real edits.
+
+Shape: a 2-level UNet with cross-attention at both levels (so every attention mechanism has
+encoder and decoder layers to act on), an 8x VAE (4 levels, like SD's), a 2-layer CLIP text encoder,
+and a byte-level tokenizer whose vocabulary is written on the fly (no download).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+import torch
+
+SD_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+TINY_SEED = 20240601
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2/CLIP convention)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = 0
+    chars = {}
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def write_tiny_tokenizer(folder: str) -> str:
+    """Write a CLIP tokenizer (vocab.json + merges.txt) with one token per byte, and return the folder."""
+    os.makedirs(folder, exist_ok=True)
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [_BOS, _EOS]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": _BOS,
+                   "eos_token": _EOS, "pad_token": _EOS, "unk_token": _EOS}, f)
+    return folder
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def _tiny_text_encoder(vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return CLIPTextModel(config)
+
+
+def build_tiny_components(tokenizer_folder: str, seed: int = TINY_SEED) -> dict:
+    """Fresh tiny components: unet, vae, text_encoder, tokenizer, scheduler_config (fp32, CPU, eval)."""
+    from transformers import CLIPTokenizer
+
+    write_tiny_tokenizer(tokenizer_folder)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_unet()
+        vae = _tiny_vae()
+        text_encoder = _tiny_text_encoder(
+            len(tokenizer), tokenizer.convert_tokens_to_ids(_BOS), tokenizer.convert_tokens_to_ids(_EOS)
+        )
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler_config": dict(SD_SCHEDULER_CONFIG),
+    }
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_home() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="ve_tiny_tokenizer_")
+
+
+def tiny_components() -> dict:
+    """The `builtin:tiny` components, built fresh (callers may move or cast them freely)."""
+    return build_tiny_components(_tokenizer_home())
+
+
+def save_tiny_pipeline(folder: str) -> str:
+    """Save the tiny model as a diffusers folder (model_index.json + subfolders); used by tests and docs."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    c = tiny_components()
+    pipe = StableDiffusionPipeline(
+        unet=c["unet"],
+        vae=c["vae"],
+        text_encoder=c["text_encoder"],
+        tokenizer=c["tokenizer"],
+        scheduler=DDIMScheduler.from_config(c["scheduler_config"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,22 @@
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The builtin:tiny model on the CPU in fp32 (random weights, fixed seed)."""
+    from comfyui_video_edit.pipelines_core.models import load_model
+
+    return load_model("builtin:tiny", dtype="fp32", device="cpu")
+
+
+@pytest.fixture
+def clip_frames():
+    """Three distinct 64x64 frames (ComfyUI IMAGE)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(3, 64, 64, 3, generator=g)
