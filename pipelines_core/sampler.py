@@ -14,7 +14,8 @@ attach processors -> sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -103,7 +104,7 @@ def _fold(hooks: Sequence[Hook], state: StepState, attr: str) -> torch.Tensor:
 
 # --- the loop ----------------------------------------------------------------------------------
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, t) -> guided eps
+Denoiser = Callable[[torch.Tensor, StepState], torch.Tensor]  # (model input, step) -> guided eps
 
 
 def denoise_loop(
@@ -122,7 +123,7 @@ def denoise_loop(
     for i, t in enumerate(timesteps):
         state = StepState(i, t, total, latents)
         latents = _fold(hooks.before_model, state, "latents")
-        eps = denoise(scheduler.scale_model_input(latents, t), t)
+        eps = denoise(scheduler.scale_model_input(latents, t), replace(state, latents=latents))
         if hooks.on_x0:
             sigma_index = first_index + i  # where Euler's sigma table stands at this step
             x0 = predicted_x0(scheduler_name, scheduler, latents, eps, t, sigma_index)
@@ -172,29 +173,29 @@ class VideoDenoiser:
     uncond: torch.Tensor  # (1, 77, D)
     cfg: float
     chunks: list
-    extra_unet_kwargs: dict = field(default_factory=dict)
+    control: Optional[object] = None  # a ControlStack: gives ControlNet residuals per UNet call
 
-    def __call__(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, state: StepState) -> torch.Tensor:
         eps = torch.empty_like(latents)
         for chunk in self.chunks:
-            idx = list(chunk.frames)
-            eps_chunk = self._guided(latents[idx], t)
+            eps_chunk = self._guided(latents[list(chunk.frames)], chunk.frames, state)
             keep = list(chunk.keep)
             eps[[chunk.frames[k] for k in keep]] = eps_chunk[keep]
         return eps
 
-    def _guided(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _guided(self, x: torch.Tensor, frame_ids: tuple, state: StepState) -> torch.Tensor:
         n = x.shape[0]
         if self.cfg == 1.0:
-            return self._unet(x, t, self.cond.expand(n, -1, -1), n)
-        both = self._unet(torch.cat([x, x]), t, torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(n, -1, -1)]), n)
-        uncond, cond = both.chunk(2)
+            return self._unet(x, self.cond.expand(n, -1, -1), frame_ids, ("cond",), state)
+        context = torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(n, -1, -1)])
+        uncond, cond = self._unet(torch.cat([x, x]), context, frame_ids, ("uncond", "cond"), state).chunk(2)
         return uncond + self.cfg * (cond - uncond)
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+    def _unet(self, x: torch.Tensor, context: torch.Tensor, frame_ids: tuple, roles: tuple, state: StepState):
+        layout = FrameLayout(len(frame_ids), tuple(frame_ids), roles, int(state.timestep), state.index)
+        extra = self.control.unet_kwargs(x, context, layout, state) if self.control is not None else {}
         return self.unet(
-            x, t, encoder_hidden_states=context, cross_attention_kwargs={"layout": FrameLayout(frames)},
-            **self.extra_unet_kwargs,
+            x, state.timestep, encoder_hidden_states=context, cross_attention_kwargs={"layout": layout}, **extra
         ).sample
 
 
@@ -244,6 +245,7 @@ def edit_video(
     size: Optional[tuple] = None,
     hooks: Hooks = Hooks(),
     progress: Optional[Progress] = None,
+    control=None,
 ) -> torch.Tensor:
     """Sample a video's latents (F, 4, H/8, W/8), scaled as diffusers' latents are.
 
@@ -278,14 +280,20 @@ def edit_video(
         timesteps = scheduler.timesteps
         latents = initial_noise(latent_shape, settings, generators, device, dtype) * scheduler.init_noise_sigma
 
-    # 4. Attach the cross-frame attention rule and sample
+    # 4. Attach the cross-frame attention rule (to the UNet, and to ControlNets when asked) and sample
+    if control is not None:
+        control.check(frame_count, size)
     rule = get_rule(settings.attention)
     denoiser = VideoDenoiser(
-        model.unet, cond, uncond, settings.cfg, plan_chunks(frame_count, settings.chunk_size, settings.attention)
+        model.unet, cond, uncond, settings.cfg, plan_chunks(frame_count, settings.chunk_size, settings.attention),
+        control,
     )
 
     def processor_for(name: str) -> VideoAttnProcessor:
-        return VideoAttnProcessor(rule if is_self_attention(name) else own_frame)
+        return VideoAttnProcessor(rule if is_self_attention(name) else own_frame, name)
 
-    with torch.no_grad(), attention_processors(model.unet, processor_for):
+    attached = [model.unet] + (list(control.attention_modules()) if control is not None else [])
+    with torch.no_grad(), ExitStack() as stack:
+        for module in attached:
+            stack.enter_context(attention_processors(module, processor_for))
         return denoise_loop(denoiser, latents, scheduler, settings.scheduler, timesteps, hooks, progress)

@@ -10,6 +10,7 @@ is laid out `(chunk, frame)`, chunks being [uncond, cond] (or one chunk without 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,51 @@ from .rules import Rule, own_frame
 
 @dataclass(frozen=True)
 class FrameLayout:
-    """How frames are folded into the batch: batch = chunks x frames, frame-minor."""
+    """What one UNet call holds: batch = chunks x frames, frame-minor.
+
+    `frame_ids` are the clip's frame numbers in batch order; `roles` name the chunks
+    (("uncond", "cond") with CFG, ("cond",) without, ("source", "uncond", "cond") with a live source
+    branch); `timestep` and `step` say where in sampling this call is, so stores can key by timestep.
+    """
 
     frames: int
+    frame_ids: tuple = ()
+    roles: tuple = ()
+    timestep: Optional[int] = None
+    step: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class AttnCall:
+    """What an attention edit learns about the call it acts on."""
+
+    name: str  # the diffusers processor key, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
+    is_self: bool
+    heads: int
+    layout: Optional[FrameLayout]
+
+
+class AttnEdit:
+    """Base for edits that record or change attention; override only the points you need.
+
+    qkv: after projection (and the cross-frame gather) -> (q, k, v), shaped (batch, heads, tokens, dim).
+    probs: the attention probabilities (batch, heads, queries, keys) -> probs; overriding it makes the
+           processor take the explicit softmax path instead of the fused kernel.
+    out: the attention output before the output projection, (batch, tokens, channels) -> out.
+    """
+
+    def qkv(self, call: AttnCall, q, k, v):
+        return q, k, v
+
+    def probs(self, call: AttnCall, p):
+        return p
+
+    def out(self, call: AttnCall, h):
+        return h
+
+    @property
+    def needs_probs(self) -> bool:
+        return type(self).probs is not AttnEdit.probs
 
 
 def select_kv(x: torch.Tensor, index: torch.Tensor, frames: int) -> torch.Tensor:
@@ -35,6 +78,14 @@ def select_kv(x: torch.Tensor, index: torch.Tensor, frames: int) -> torch.Tensor
     return rearrange(picked, "b f k n c -> (b f) (k n) c")
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask): the explicit path, for edits that read or change probabilities."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(dim=-1)
+
+
 class VideoAttnProcessor:
     """Drop-in for diffusers' `AttnProcessor2_0` with a cross-frame key/value rule.
 
@@ -42,8 +93,10 @@ class VideoAttnProcessor:
     Cross-attention calls (`encoder_hidden_states` given) are never changed by the rule.
     """
 
-    def __init__(self, rule: Rule = own_frame):
+    def __init__(self, rule: Rule = own_frame, name: str = "", edits: Sequence[AttnEdit] = ()):
         self.rule = rule
+        self.name = name
+        self.edits = tuple(edits)
 
     def __call__(
         self,
@@ -93,8 +146,20 @@ class VideoAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
+        call = AttnCall(self.name, is_self, attn.heads, layout) if self.edits else None
+        for edit in self.edits:
+            query, key, value = edit.qkv(call, query, key, value)
+        if any(edit.needs_probs for edit in self.edits):
+            probs = attention_probs(query, key, attn.scale, attention_mask)
+            for edit in self.edits:
+                probs = edit.probs(call, probs)
+            out = probs @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 scale=attn.scale)
         out = rearrange(out, "b h n d -> b n (h d)", d=head_dim).to(query.dtype)
+        for edit in self.edits:
+            out = edit.out(call, out)
         out = attn.to_out[1](attn.to_out[0](out))
 
         if spatial_shape is not None:
