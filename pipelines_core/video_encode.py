@@ -1,0 +1,276 @@
+"""Encode IMAGE frames (+ optional AUDIO) to a file, with PyAV.
+
+Output formats are data: one JSON file per format in ``video_formats/``. Keys:
+``extension``, ``container`` (FFmpeg muxer name, null for image sequences), ``container_options``,
+``codec`` (PyAV encoder name), ``pix_fmt``, optional ``codec_tag`` and ``colorspace`` ("bt709"),
+``codec_options``, ``quality`` (null, or ``{"option", "default", "min", "max", "better"}``: the
+number is passed as that codec option), ``audio_codec`` (null = no audio), optional
+``audio_bitrate``, and ``image_sequence`` (true = a folder of one file per frame).
+Adding a format is adding a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from fractions import Fraction
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Iterator
+
+import av
+import numpy as np
+import torch
+from av.video.reformatter import ColorRange, Colorspace
+from PIL import Image
+
+FORMATS_DIR = Path(__file__).with_name("video_formats")
+_REQUIRED_KEYS = ("extension", "codec", "pix_fmt", "quality", "audio_codec", "image_sequence")
+# Channel count -> FFmpeg layout name for the AUDIO waveform; the encoder gets mono or stereo.
+_LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1"}
+
+
+def list_formats() -> list[str]:
+    """Names of the output formats, read from the ``video_formats`` folder."""
+    return sorted(p.stem for p in FORMATS_DIR.glob("*.json"))
+
+
+def _read_spec(name: str) -> dict:
+    path = FORMATS_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"Unknown video format {name!r}: choose one of {', '.join(list_formats())}.")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    missing = [k for k in _REQUIRED_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"Video format file {path.name} lacks {', '.join(missing)}: add them.")
+    return spec
+
+
+def format_spec(name: str) -> dict:
+    """The parsed JSON of one format."""
+    return _read_spec(name)
+
+
+def _codec_options(spec: dict, quality: float | None) -> dict[str, str]:
+    """Codec options of the format, with ``quality`` mapped onto its codec option."""
+    options = {k: str(v) for k, v in spec.get("codec_options", {}).items()}
+    q = spec["quality"]
+    if q is None:
+        return options
+    value = q["default"] if quality is None else quality
+    if not q["min"] <= value <= q["max"]:
+        raise ValueError(f"quality {value} is out of range for {spec['codec']}: use {q['min']}..{q['max']}.")
+    options[q["option"]] = str(int(value) if float(value).is_integer() else value)
+    return options
+
+
+def _split_prefix(filename_prefix: str) -> tuple[Path, str]:
+    """('edits/clip') -> (Path('edits'), 'clip'); refuses absolute paths and '..'."""
+    text = filename_prefix.replace("\\", "/").strip()
+    pure = PurePosixPath(text)
+    if not text or pure.is_absolute() or PureWindowsPath(filename_prefix).is_absolute() or ":" in text:
+        raise ValueError(f"filename_prefix {filename_prefix!r} must be a relative name like 'clip' or 'edits/clip'.")
+    if ".." in pure.parts:
+        raise ValueError(f"filename_prefix {filename_prefix!r} may not contain '..': use a name inside the output folder.")
+    if text.endswith("/"):
+        raise ValueError(f"filename_prefix {filename_prefix!r} ends with '/': add a file name after the folder.")
+    return Path(*pure.parts[:-1]), pure.parts[-1]
+
+
+def reserve_output_path(directory: str | os.PathLike, filename_prefix: str, extension: str,
+                        folder: bool = False) -> Path:
+    """Create and return ``<dir>/<sub>/<name>_NNNNN.<ext>`` (or a folder) with the next free number.
+
+    The number follows the highest one already used by this prefix, so nothing is overwritten and
+    outputs sort in the order they were made. Creation is exclusive, so two writers never share a path.
+    """
+    sub, name = _split_prefix(filename_prefix)
+    parent = Path(directory) / sub
+    parent.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(re.escape(name) + r"_(\d{5,})(\..*)?")
+    used = [int(m.group(1)) for p in parent.iterdir() if (m := pattern.fullmatch(p.name))]
+    number = max(used, default=0) + 1
+    while True:
+        path = parent / (f"{name}_{number:05d}" if folder else f"{name}_{number:05d}.{extension}")
+        try:
+            if folder:
+                path.mkdir()
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return path
+        except FileExistsError:
+            number += 1
+
+
+def _uint8_frames(frames: torch.Tensor | np.ndarray) -> Iterator[np.ndarray]:
+    """(F, H, W, 3) float 0..1 (or uint8) -> one contiguous uint8 RGB frame at a time."""
+    for frame in frames:
+        frame = frame[..., :3]  # alpha, if any, is dropped: none of the video codecs here keeps it
+        if isinstance(frame, torch.Tensor):
+            frame = (frame.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        elif frame.dtype != np.uint8:
+            frame = (np.clip(frame, 0, 1) * 255).round().astype(np.uint8)
+        yield np.ascontiguousarray(frame)
+
+
+def _pad_for_chroma(rgb: np.ndarray, pix_fmt: str) -> np.ndarray:
+    """Pad right/bottom by repeating the edge so chroma-subsampled formats (yuv420p) get even sizes."""
+    fmt = av.VideoFormat(pix_fmt)
+    step_w, step_h = 16 // fmt.chroma_width(16), 16 // fmt.chroma_height(16)
+    h, w = rgb.shape[:2]
+    pad_h, pad_w = -h % step_h, -w % step_w
+    if pad_h == 0 and pad_w == 0:
+        return rgb
+    return np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+
+
+def _to_video_frame(rgb: np.ndarray, spec: dict) -> av.VideoFrame:
+    """RGB uint8 -> a frame in the codec's pixel format (palette per frame for GIF)."""
+    if spec["pix_fmt"] == "pal8":
+        # Pillow picks an adaptive 256-colour palette; FFmpeg's own rgb->pal8 uses a fixed 3-3-2 one.
+        indexed = Image.fromarray(rgb).quantize(256)
+        palette = np.zeros((256, 4), np.uint8)
+        colours = np.array(indexed.getpalette(), np.uint8).reshape(-1, 3)[:256]
+        palette[: len(colours), 1:] = colours
+        palette[:, 0] = 255  # ARGB, opaque
+        return av.VideoFrame.from_ndarray((np.array(indexed), palette), format="pal8")
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+    if spec.get("colorspace") == "bt709":
+        # Convert with the same matrix the stream is tagged with, so players show the true colours.
+        frame = frame.reformat(format=spec["pix_fmt"], dst_colorspace=Colorspace.ITU709,
+                               dst_color_range=ColorRange.MPEG)
+    return frame
+
+
+def _tag_bt709(stream: av.video.stream.VideoStream) -> None:
+    cc = stream.codec_context
+    cc.colorspace, cc.color_range = Colorspace.ITU709, ColorRange.MPEG
+    cc.color_primaries = cc.color_trc = 1  # 1 = BT.709 in FFmpeg's primaries and transfer enums
+
+
+def _output_rate(codec: str, sample_rate: int) -> int:
+    """Keep the input rate when the encoder accepts it, else the nearest higher one it has."""
+    rates = av.Codec(codec, "w").audio_rates
+    if not rates or sample_rate in rates:
+        return sample_rate
+    higher = [r for r in rates if r >= sample_rate]
+    return min(higher) if higher else max(rates)
+
+
+def _fit_waveform(audio: dict, seconds: float) -> tuple[np.ndarray, int]:
+    """AUDIO dict -> (channels, samples) float32 trimmed, or padded with silence, to ``seconds``."""
+    wave = audio["waveform"]
+    wave = wave[0] if wave.ndim == 3 else wave  # ComfyUI AUDIO is (batch, channels, samples)
+    wave = wave.detach().float().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave, np.float32)
+    if wave.shape[0] not in _LAYOUTS:
+        raise ValueError(f"audio has {wave.shape[0]} channels: give mono, stereo, 5.1 or 7.1 audio.")
+    rate = int(audio["sample_rate"])
+    total = round(seconds * rate)
+    wave = wave[:, :total]
+    return np.ascontiguousarray(np.pad(wave, ((0, 0), (0, total - wave.shape[1]))), np.float32), rate
+
+
+class _AudioTrack:
+    """Feeds a waveform to the format's audio encoder in pieces, so audio and video packets interleave."""
+
+    def __init__(self, container, codec: str, bit_rate: int | None, wave: np.ndarray, rate_in: int):
+        self.container, self.wave, self.rate_in, self.sent = container, wave, rate_in, 0
+        self.layout_in = _LAYOUTS[wave.shape[0]]
+        layout = "mono" if wave.shape[0] == 1 else "stereo"  # more channels are downmixed
+        rate = _output_rate(codec, rate_in)
+        self.stream = container.add_stream(codec, rate=rate)
+        self.stream.layout = layout
+        if bit_rate:
+            self.stream.bit_rate = int(bit_rate)
+        sample_fmt = av.Codec(codec, "w").audio_formats[0].name
+        self.resampler = av.AudioResampler(format=sample_fmt, layout=layout, rate=rate)
+
+    def _encode(self, frame: av.AudioFrame | None) -> None:
+        for out in self.resampler.resample(frame):
+            self.container.mux(self.stream.encode(out))
+
+    def feed_until(self, seconds: float) -> None:
+        end = min(round(seconds * self.rate_in), self.wave.shape[1])
+        if end > self.sent:
+            frame = av.AudioFrame.from_ndarray(self.wave[:, self.sent:end], format="fltp", layout=self.layout_in)
+            frame.sample_rate, frame.pts, frame.time_base = self.rate_in, self.sent, Fraction(1, self.rate_in)
+            self._encode(frame)
+            self.sent = end
+
+    def finish(self) -> None:
+        self.feed_until(self.wave.shape[1] / self.rate_in)
+        self._encode(None)  # flush the resampler, then the encoder
+        self.container.mux(self.stream.encode(None))
+
+
+def _write_container(path: Path, spec: dict, frames, fps: Fraction, options: dict, audio: dict | None) -> None:
+    n_frames = frames.shape[0]
+    with av.open(str(path), "w", format=spec["container"], options=spec.get("container_options", {})) as container:
+        stream = container.add_stream(spec["codec"], rate=fps, options=options)
+        stream.pix_fmt = spec["pix_fmt"]
+        if spec.get("codec_tag"):
+            stream.codec_tag = spec["codec_tag"]
+        if spec.get("colorspace") == "bt709":
+            _tag_bt709(stream)
+        track = None
+        if audio is not None and spec["audio_codec"]:
+            wave, rate_in = _fit_waveform(audio, float(n_frames / fps))
+            track = _AudioTrack(container, spec["audio_codec"], spec.get("audio_bitrate"), wave, rate_in)
+        for i, rgb in enumerate(_uint8_frames(frames)):
+            rgb = _pad_for_chroma(rgb, spec["pix_fmt"])
+            if i == 0:
+                stream.height, stream.width = rgb.shape[:2]
+            frame = _to_video_frame(rgb, spec)
+            frame.pts = i  # time base is 1/fps, so pts counts frames
+            container.mux(stream.encode(frame))
+            if track:
+                track.feed_until(float((i + 1) / fps))
+        container.mux(stream.encode(None))
+        if track:
+            track.finish()
+
+
+def _write_image_sequence(folder: Path, spec: dict, frames, options: dict) -> None:
+    """One still image per frame, each encoded by the format's codec: frame_00000.<ext>, ..."""
+    for i, rgb in enumerate(_uint8_frames(frames)):
+        cc = av.CodecContext.create(spec["codec"], "w")
+        cc.height, cc.width = rgb.shape[:2]
+        cc.pix_fmt, cc.time_base = spec["pix_fmt"], Fraction(1, 1)
+        cc.options = options
+        packets = cc.encode(_to_video_frame(rgb, spec)) + cc.encode(None)
+        (folder / f"frame_{i:05d}.{spec['extension']}").write_bytes(b"".join(bytes(p) for p in packets))
+
+
+def encode_video(frames: torch.Tensor, directory: str | os.PathLike, filename_prefix: str, fps: float,
+                 format: str = "h264-mp4", quality: float | None = None, audio: dict | None = None) -> str:
+    """Write IMAGE frames (F, H, W, 3 in 0..1) as ``<directory>/<prefix>_NNNNN.<ext>``; return the path.
+
+    ``fps`` may be fractional (29.97 is written as 2997/100). ``audio`` is a ComfyUI AUDIO dict; it is
+    trimmed or padded to the video's length and dropped for formats without audio.
+    """
+    spec = _read_spec(format)
+    if not fps or fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}: pass the source fps (e.g. 24).")
+    rate = Fraction(fps).limit_denominator(1001)
+    options = _codec_options(spec, quality)
+    if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] not in (3, 4):
+        raise ValueError(f"frames must be an IMAGE batch (F, H, W, 3) with F >= 1, got shape {tuple(frames.shape)}.")
+    path = reserve_output_path(directory, filename_prefix, spec["extension"], folder=spec["image_sequence"])
+    try:
+        if spec["image_sequence"]:
+            _write_image_sequence(path, spec, frames, options)
+        else:
+            _write_container(path, spec, frames, rate, options, audio)
+    except BaseException:
+        _remove(path)  # no half-written outputs
+        raise
+    return str(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
+    elif path.exists():
+        path.unlink()
