@@ -28,6 +28,7 @@ from .progress import Progress, or_silent
 from .schedulers import SCHEDULERS, eps_from_x0, make_scheduler, predicted_x0
 
 NOISE_MODES = ("per_frame", "shared")
+ATTENTION_LAYERS = {"all": "", "decoder": "up_blocks."}  # processor-name prefix the cross-frame rule applies to
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class SamplerSettings:
     strength: float = 0.6  # used when starting from images (SDEdit): fraction of the schedule re-run
     noise: str = "per_frame"  # "per_frame": frame f uses seed + f; "shared": every frame the same noise
     attention: str = "first+previous"
+    attention_layers: str = "all"  # "all" self-attention layers, or only the "decoder" (up blocks; Rerender)
     chunk_size: int = 8  # frames denoised together; the anchor frame joins every chunk
 
     def check(self, frame_count: int, from_images: bool) -> None:
@@ -52,6 +54,8 @@ class SamplerSettings:
         if self.noise not in NOISE_MODES:
             raise ValueError(f"unknown noise mode {self.noise!r}; choose one of {', '.join(NOISE_MODES)}")
         get_rule(self.attention)
+        if self.attention_layers not in ATTENTION_LAYERS:
+            raise ValueError(f"unknown attention_layers {self.attention_layers!r}; choose one of {', '.join(ATTENTION_LAYERS)}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1 (got {self.chunk_size})")
         if frame_count < 1:
@@ -289,8 +293,11 @@ def edit_video(
         control,
     )
 
+    prefix = ATTENTION_LAYERS[settings.attention_layers]
+
     def processor_for(name: str) -> VideoAttnProcessor:
-        return VideoAttnProcessor(rule if is_self_attention(name) else own_frame, name)
+        linked = is_self_attention(name) and name.startswith(prefix)
+        return VideoAttnProcessor(rule if linked else own_frame, name)
 
     attached = [model.unet] + (list(control.attention_modules()) if control is not None else [])
     with torch.no_grad(), ExitStack() as stack:

@@ -144,3 +144,13 @@ def test_bad_settings_fail_before_any_step(tiny_model, clip_frames, bad, message
 def test_size_not_multiple_of_8_is_refused(tiny_model):
     with pytest.raises(ValueError, match="multiple of 8"):
         edit_video(tiny_model, SamplerSettings(PROMPT), torch.rand(2, 36, 32, 3))
+
+
+def test_decoder_only_attention_differs_from_all_layers_and_from_none(tiny_model, clip_frames):
+    base = dict(prompt=PROMPT, seed=4, steps=3, strength=0.8, attention="first")
+    everywhere = edit_video(tiny_model, SamplerSettings(**base), clip_frames)
+    decoder = edit_video(tiny_model, SamplerSettings(**base, attention_layers="decoder"), clip_frames)
+    plain = edit_video(tiny_model, SamplerSettings(**{**base, "attention": "none"}), clip_frames)
+    assert (decoder[1:] - everywhere[1:]).abs().max() > 1e-3
+    assert (decoder[1:] - plain[1:]).abs().max() > 1e-3
+    assert (decoder[0] - plain[0]).abs().max() <= 1e-5
