@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", help="prompt for every sampler node")
     run.add_argument("--seed", type=int, help="seed for every sampler node")
     run.add_argument("--output-dir", help="folder the output nodes write to")
+    run.add_argument("--consistency", action="store_true",
+                     help="print each output's temporal warp error under the source clip's optical flow")
     commands.add_parser("nodes", parents=[common], help="list the node types this runner knows")
     return parser
 
@@ -128,7 +130,37 @@ def run_command(args: argparse.Namespace) -> int:
     result = execute(prompt, mappings, extra_pnginfo=extra_pnginfo)
     for path in written_files(result):
         print(path)
+    if args.consistency:
+        for line in consistency_report(prompt, result):
+            print(line)
     return 0
+
+
+SOURCE_NODES = {"VE_LoadVideo": 0}  # class -> output slot holding the source frames
+
+
+def consistency_report(prompt: dict, result: RunResult) -> list[str]:
+    """Warp error (lower = steadier) of every output node's frames, against the source clip's DIS flow."""
+    from ..pipelines_core.flow import warp_error
+    from ..pipelines_core.flow_estimate import estimate_flow
+
+    sources = [result.outputs[k][slot] for k, v in prompt.items()
+               if (slot := SOURCE_NODES.get(v["class_type"])) is not None and k in result.outputs]
+    if len(sources) != 1:
+        return [f"consistency: skipped (needs exactly one Load Video node, found {len(sources)})"]
+    source = sources[0]
+    flow = estimate_flow(source)
+    lines = [f"consistency: source clip warp error {warp_error(source, flow):.5f}"]
+    for node_id in result.ui:
+        link = prompt[node_id]["inputs"].get("frames")
+        if not (isinstance(link, list) and link[0] in result.outputs):
+            continue
+        frames = result.outputs[link[0]][link[1]]
+        if frames.shape != source.shape:
+            lines.append(f"consistency: node {node_id} skipped (its frames differ in count or size from the source)")
+            continue
+        lines.append(f"consistency: node {node_id} warp error {warp_error(frames, flow):.5f}")
+    return lines
 
 
 def nodes_command(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """The pack's nodes: thin adapters from ComfyUI's node contract to pipelines_core."""
 
 from .cross_frame_sampler import VE_CrossFrameSampler
+from .flow_warp import VE_FlowWarp
 from .load_model import VE_LoadModel
 from .load_video import VE_LoadVideo
 from .video_encode import VE_VideoEncode
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "VE_LoadModel": VE_LoadModel,
     "VE_CrossFrameSampler": VE_CrossFrameSampler,
     "VE_VideoEncode": VE_VideoEncode,
+    "VE_FlowWarp": VE_FlowWarp,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -17,4 +19,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VE_LoadModel": "Load Model (Video Edit)",
     "VE_CrossFrameSampler": "Cross-Frame Sampler",
     "VE_VideoEncode": "Video Encode",
+    "VE_FlowWarp": "Flow Warp",
 }
