@@ -25,6 +25,8 @@ from .attention.attach import is_self_attention
 from .attention.rules import own_frame
 from .models import VEModel, encode_frames, encode_prompt
 from .progress import Progress, or_silent
+from .hooks import Hook, Hooks, StepState, fold
+from .injection import InjectionPlan, PlanContext
 from .schedulers import SCHEDULERS, eps_from_x0, make_scheduler, predicted_x0
 
 NOISE_MODES = ("per_frame", "shared")
@@ -69,43 +71,6 @@ class SamplerSettings:
                 )
 
 
-# --- hooks -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StepState:
-    """What a hook sees: the step, the current latents, and (at on_x0) the model's estimates."""
-
-    index: int
-    timestep: torch.Tensor
-    total: int
-    latents: torch.Tensor
-    eps: Optional[torch.Tensor] = None
-    x0: Optional[torch.Tensor] = None
-
-
-Hook = Callable[[StepState], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Hooks:
-    before_model: Sequence[Hook] = ()  # -> latents fed to the model
-    on_x0: Sequence[Hook] = ()  # -> clean estimate the step moves toward
-    after_step: Sequence[Hook] = ()  # -> latents after the scheduler step
-
-    def __add__(self, other: "Hooks") -> "Hooks":
-        return Hooks(
-            tuple(self.before_model) + tuple(other.before_model),
-            tuple(self.on_x0) + tuple(other.on_x0),
-            tuple(self.after_step) + tuple(other.after_step),
-        )
-
-
-def _fold(hooks: Sequence[Hook], state: StepState, attr: str) -> torch.Tensor:
-    for hook in hooks:
-        state = replace(state, **{attr: hook(state)})
-    return getattr(state, attr)
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 Denoiser = Callable[[torch.Tensor, StepState], torch.Tensor]  # (model input, step) -> guided eps
@@ -126,15 +91,15 @@ def denoise_loop(
     first_index = getattr(scheduler, "begin_index", None) or 0
     for i, t in enumerate(timesteps):
         state = StepState(i, t, total, latents)
-        latents = _fold(hooks.before_model, state, "latents")
+        latents = fold(hooks.before_model, state, "latents")
         eps = denoise(scheduler.scale_model_input(latents, t), replace(state, latents=latents))
         if hooks.on_x0:
             sigma_index = first_index + i  # where Euler's sigma table stands at this step
             x0 = predicted_x0(scheduler_name, scheduler, latents, eps, t, sigma_index)
-            x0 = _fold(hooks.on_x0, StepState(i, t, total, latents, eps, x0), "x0")
+            x0 = fold(hooks.on_x0, StepState(i, t, total, latents, eps, x0), "x0")
             eps = eps_from_x0(scheduler_name, scheduler, latents, x0, t, sigma_index)
         latents = scheduler.step(eps, t, latents).prev_sample
-        latents = _fold(hooks.after_step, StepState(i, t, total, latents, eps), "latents")
+        latents = fold(hooks.after_step, StepState(i, t, total, latents, eps), "latents")
         progress(i + 1, total)
     return latents
 
@@ -164,20 +129,38 @@ def plan_chunks(frame_count: int, chunk_size: int, rule_name: str) -> list[Chunk
     return chunks
 
 
+@dataclass(frozen=True)
+class SourceBranch:
+    """A live source chunk (Plug-and-Play): at the step with timestep t the UNet also denoises the
+    inverted latent `latents[t]` under the source prompt, so injections can read its features."""
+
+    latents: dict  # timestep -> (F, 4, h, w)
+    embeds: torch.Tensor  # (1, 77, D)
+
+    def at(self, t: torch.Tensor, frame_ids: tuple, like: torch.Tensor) -> torch.Tensor:
+        key = int(t)
+        if key not in self.latents:
+            raise ValueError(f"the inversion has no latent at timestep {key}: sample with DDIM Invert's steps")
+        return self.latents[key][list(frame_ids)].to(like.device, like.dtype)
+
+
 @dataclass
 class VideoDenoiser:
     """Classifier-free-guided noise prediction for all frames, chunk by chunk.
 
-    The UNet batch of a chunk is laid out (chunk, frame) with chunks [uncond, cond], so the attention
-    processors gather frames only within one CFG half. With cfg == 1 the uncond half is skipped.
+    The UNet batch of a chunk is laid out (chunk, frame) with chunks [uncond, cond] — [source, uncond,
+    cond] with a live source branch — so the attention processors gather frames only within one chunk.
+    With cfg == 1 the uncond chunk is skipped. `uncond` may be a dict timestep -> embedding
+    (null-text inversion's per-step unconditional embeddings).
     """
 
     unet: torch.nn.Module
     cond: torch.Tensor  # (1, 77, D)
-    uncond: torch.Tensor  # (1, 77, D)
+    uncond: object  # (1, 77, D), or {timestep: (1, 77, D)}
     cfg: float
     chunks: list
     control: Optional[object] = None  # a ControlStack: gives ControlNet residuals per UNet call
+    source: Optional[SourceBranch] = None
 
     def __call__(self, latents: torch.Tensor, state: StepState) -> torch.Tensor:
         eps = torch.empty_like(latents)
@@ -189,11 +172,19 @@ class VideoDenoiser:
 
     def _guided(self, x: torch.Tensor, frame_ids: tuple, state: StepState) -> torch.Tensor:
         n = x.shape[0]
+        inputs, contexts, roles = [x], [self.cond], ["cond"]
+        if self.cfg != 1.0:
+            uncond = self.uncond[int(state.timestep)] if isinstance(self.uncond, dict) else self.uncond
+            inputs, contexts, roles = [x] + inputs, [uncond] + contexts, ["uncond"] + roles
+        if self.source is not None:
+            inputs = [self.source.at(state.timestep, frame_ids, x)] + inputs
+            contexts, roles = [self.source.embeds] + contexts, ["source"] + roles
+        context = torch.cat([c.to(x.device, x.dtype).expand(n, -1, -1) for c in contexts])
+        out = self._unet(torch.cat(inputs), context, frame_ids, tuple(roles), state).chunk(len(roles))
         if self.cfg == 1.0:
-            return self._unet(x, self.cond.expand(n, -1, -1), frame_ids, ("cond",), state)
-        context = torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(n, -1, -1)])
-        uncond, cond = self._unet(torch.cat([x, x]), context, frame_ids, ("uncond", "cond"), state).chunk(2)
-        return uncond + self.cfg * (cond - uncond)
+            return out[-1]
+        uncond_eps, cond_eps = out[-2], out[-1]
+        return uncond_eps + self.cfg * (cond_eps - uncond_eps)
 
     def _unet(self, x: torch.Tensor, context: torch.Tensor, frame_ids: tuple, roles: tuple, state: StepState):
         layout = FrameLayout(len(frame_ids), tuple(frame_ids), roles, int(state.timestep), state.index)
@@ -250,20 +241,31 @@ def edit_video(
     hooks: Hooks = Hooks(),
     progress: Optional[Progress] = None,
     control=None,
+    inversion=None,
+    injection=None,
 ) -> torch.Tensor:
     """Sample a video's latents (F, 4, H/8, W/8), scaled as diffusers' latents are.
 
-    Starts from `images` (ComfyUI IMAGE) partly noised by `settings.strength` (SDEdit), or from noise
-    for `frame_count` frames of `size` (height, width) when no images are given.
+    Starts from, in this order of precedence:
+      * an `inversion` (DDIM Invert; also the one an `injection` reads): from the inverted latent at the
+        first timestep `settings.strength` selects (1.0 = from x_T);
+      * `images` (ComfyUI IMAGE) partly noised by `settings.strength` (SDEdit);
+      * noise, for `frame_count` frames of `size` (height, width).
     """
     # 1. Check inputs
-    from_images = images is not None
-    if from_images:
+    if inversion is None and injection is not None:
+        inversion = injection.inversion
+    if inversion is not None:
+        frame_count, size = inversion.latents[0].shape[0], tuple(8 * d for d in inversion.latents[0].shape[-2:])
+        _check_inversion_settings(settings, inversion)
+    elif images is not None:
         check_frames(images)
         frame_count, size = images.shape[0], tuple(images.shape[1:3])
     elif frame_count is None or size is None:
         raise ValueError("give images to edit, or a frame count and size to generate from noise")
-    settings.check(frame_count, from_images)
+    settings.check(frame_count, from_images=inversion is not None or images is not None)
+    if control is not None:
+        control.check(frame_count, size)
     device, dtype = model.device, model.dtype
 
     # 2. Encode the prompts
@@ -272,10 +274,17 @@ def edit_video(
 
     # 3. Timesteps and starting latents
     scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
+    if inversion is not None:
+        scheduler = make_scheduler("ddim", {**model.scheduler_config, "clip_sample": False})
     scheduler.set_timesteps(settings.steps, device=device)
     generators = frame_generators(settings.seed, frame_count)
     latent_shape = (frame_count, model.unet.config.in_channels, size[0] // 8, size[1] // 8)
-    if from_images:
+    if inversion is not None:
+        timesteps = img2img_timesteps(scheduler, settings.steps, settings.strength)
+        latents = inversion.latents[int(timesteps[0])].to(device, dtype)
+        if inversion.null_embeds:
+            uncond = inversion.null_embeds  # per-step unconditional embeddings that reproduce the source
+    elif images is not None:
         timesteps = img2img_timesteps(scheduler, settings.steps, settings.strength)
         clean = encode_frames(model, images, generators)
         noise = initial_noise(latent_shape, settings, generators, device, dtype)
@@ -284,23 +293,35 @@ def edit_video(
         timesteps = scheduler.timesteps
         latents = initial_noise(latent_shape, settings, generators, device, dtype) * scheduler.init_noise_sigma
 
-    # 4. Attach the cross-frame attention rule (to the UNet, and to ControlNets when asked) and sample
-    if control is not None:
-        control.check(frame_count, size)
-    rule = get_rule(settings.attention)
+    # 4. Plan the injection, attach attention processors (UNet, and ControlNets when asked), sample
+    plan = InjectionPlan()
+    if injection is not None:
+        plan = injection.plan(PlanContext(model, frame_count, len(timesteps), tuple(int(t) for t in timesteps),
+                                          settings.cfg, settings.seed, settings.prompt))
+    source = SourceBranch(inversion.latents, inversion.prompt_embeds) if plan.source_branch else None
     denoiser = VideoDenoiser(
         model.unet, cond, uncond, settings.cfg, plan_chunks(frame_count, settings.chunk_size, settings.attention),
-        control,
+        control, source,
     )
-
-    prefix = ATTENTION_LAYERS[settings.attention_layers]
+    rule, prefix = get_rule(settings.attention), ATTENTION_LAYERS[settings.attention_layers]
 
     def processor_for(name: str) -> VideoAttnProcessor:
-        linked = is_self_attention(name) and name.startswith(prefix)
-        return VideoAttnProcessor(rule if linked else own_frame, name)
+        chosen = plan.rule_for(name)
+        if chosen is None:
+            chosen = rule if is_self_attention(name) and name.startswith(prefix) else own_frame
+        return VideoAttnProcessor(chosen, name, plan.edits_for(name))
 
     attached = [model.unet] + (list(control.attention_modules()) if control is not None else [])
     with torch.no_grad(), ExitStack() as stack:
         for module in attached:
             stack.enter_context(attention_processors(module, processor_for))
-        return denoise_loop(denoiser, latents, scheduler, settings.scheduler, timesteps, hooks, progress)
+        stack.enter_context(plan.patches(model.unet))
+        return denoise_loop(denoiser, latents, scheduler, settings.scheduler, timesteps, hooks + plan.hooks, progress)
+
+
+def _check_inversion_settings(settings: SamplerSettings, inversion) -> None:
+    if settings.scheduler != "ddim":
+        raise ValueError(f"sampling from a DDIM inversion needs the 'ddim' scheduler (got {settings.scheduler!r})")
+    if settings.steps != inversion.steps:
+        raise ValueError(f"the inversion ran {inversion.steps} steps but the sampler is set to {settings.steps}: "
+                         "set the sampler's steps to DDIM Invert's")
