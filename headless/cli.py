@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import traceback
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--consistency", action="store_true",
                      help="print each output's temporal warp error under the source clip's optical flow")
     commands.add_parser("nodes", parents=[common], help="list the node types this runner knows")
+    to_ui = commands.add_parser("to-ui", parents=[common],
+                                help="turn an API-format workflow into a canvas (UI) workflow ComfyUI can load")
+    to_ui.add_argument("workflow", help="API-format workflow JSON (or a /prompt body)")
+    to_ui.add_argument("output", help="UI workflow file to write (never overwritten)")
     return parser
 
 
@@ -163,6 +168,23 @@ def consistency_report(prompt: dict, result: RunResult) -> list[str]:
     return lines
 
 
+def to_ui_command(args: argparse.Namespace) -> int:
+    from .api_to_ui import api_to_ui
+
+    mappings, display_names = load_node_pack(args.nodes)
+    data = read_json(args.workflow)
+    if detect_format(data) == "ui":
+        raise WorkflowError(f"{args.workflow} is already a UI workflow")
+    ui = api_to_ui(to_api_prompt(data), object_info(mappings, display_names))
+    try:
+        with open(args.output, "x", encoding="utf-8") as f:
+            json.dump(ui, f, indent=2)
+    except FileExistsError:
+        raise WorkflowError(f"{args.output} exists; choose another output file") from None
+    print(args.output)
+    return 0
+
+
 def nodes_command(args: argparse.Namespace) -> int:
     mappings, display_names = load_node_pack(args.nodes)
     for name in sorted(mappings):
@@ -183,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed its usage message
         return exit_.code if isinstance(exit_.code, int) else 2
-    command = run_command if args.command == "run" else nodes_command
+    command = {"run": run_command, "to-ui": to_ui_command, "nodes": nodes_command}[args.command]
     try:
         return command(args)
     except OverrideSyntaxError as exc:

@@ -1,9 +1,11 @@
 """The pack's nodes: thin adapters from ComfyUI's node contract to pipelines_core."""
 
 from .cross_frame_sampler import VE_CrossFrameSampler
+from .ddim_invert import VE_DDIMInvert
 from .flow_warp import VE_FlowWarp
 from .load_model import VE_LoadModel
 from .load_video import VE_LoadVideo
+from .lora_apply import VE_LoRAApply
 from .video_encode import VE_VideoEncode
 
 NODE_CLASS_MAPPINGS = {
@@ -12,6 +14,8 @@ NODE_CLASS_MAPPINGS = {
     "VE_CrossFrameSampler": VE_CrossFrameSampler,
     "VE_VideoEncode": VE_VideoEncode,
     "VE_FlowWarp": VE_FlowWarp,
+    "VE_LoRAApply": VE_LoRAApply,
+    "VE_DDIMInvert": VE_DDIMInvert,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +24,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VE_CrossFrameSampler": "Cross-Frame Sampler",
     "VE_VideoEncode": "Video Encode",
     "VE_FlowWarp": "Flow Warp",
+    "VE_LoRAApply": "LoRA Apply (Video Edit)",
+    "VE_DDIMInvert": "DDIM Invert",
 }

@@ -10,6 +10,19 @@ import os
 from typing import Optional
 
 _OUTPUT_DIR: Optional[str] = None
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+
+
+def find_file(name: str, comfy_kind: Optional[str] = None) -> Optional[str]:
+    """A file by name: in a ComfyUI model folder kind, as a path, or bundled with the pack (assets/)."""
+    if comfy_kind:
+        found = model_path(comfy_kind, name)
+        if found:
+            return found
+    for path in (os.path.expanduser(name), os.path.join(ASSETS, name)):
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _comfy():

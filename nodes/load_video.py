@@ -7,8 +7,7 @@ import os
 from . import comfy_bridge
 from ..pipelines_core.video_io import load_video
 
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.join(PACK_ROOT, "assets")
+ASSETS = comfy_bridge.ASSETS
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif", ".m4v", ".webp")
 
 

@@ -232,7 +232,15 @@ def check_frames(frames: torch.Tensor) -> None:
         raise ValueError(f"frame size {w}x{h} is not a multiple of 8; set Load Video's size to a multiple of 8")
 
 
-def edit_video(
+def edit_video(model: VEModel, settings: "SamplerSettings", *args, **kwargs) -> torch.Tensor:
+    """Sample a video's latents with the model's LoRAs active (see `sample_video` for the arguments)."""
+    from .lora import lora_scope
+
+    with lora_scope(model):
+        return sample_video(model, settings, *args, **kwargs)
+
+
+def sample_video(
     model: VEModel,
     settings: SamplerSettings,
     images: Optional[torch.Tensor] = None,
