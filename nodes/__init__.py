@@ -1,11 +1,13 @@
 """The pack's nodes: thin adapters from ComfyUI's node contract to pipelines_core."""
 
+from .controlnet_condition import VE_ControlNetCondition
 from .cross_frame_sampler import VE_CrossFrameSampler
 from .ddim_invert import VE_DDIMInvert
 from .flow_warp import VE_FlowWarp
 from .load_model import VE_LoadModel
 from .load_video import VE_LoadVideo
 from .lora_apply import VE_LoRAApply
+from .temporal_guidance import VE_TemporalGuidance
 from .video_encode import VE_VideoEncode
 
 NODE_CLASS_MAPPINGS = {
@@ -16,6 +18,8 @@ NODE_CLASS_MAPPINGS = {
     "VE_FlowWarp": VE_FlowWarp,
     "VE_LoRAApply": VE_LoRAApply,
     "VE_DDIMInvert": VE_DDIMInvert,
+    "VE_ControlNetCondition": VE_ControlNetCondition,
+    "VE_TemporalGuidance": VE_TemporalGuidance,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,4 +30,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VE_FlowWarp": "Flow Warp",
     "VE_LoRAApply": "LoRA Apply (Video Edit)",
     "VE_DDIMInvert": "DDIM Invert",
+    "VE_ControlNetCondition": "ControlNet Condition",
+    "VE_TemporalGuidance": "Temporal Guidance",
 }

@@ -5,8 +5,9 @@ from __future__ import annotations
 from . import comfy_bridge
 from ..pipelines_core.attention import RULES
 from ..pipelines_core.models import decode_latents
-from ..pipelines_core.sampler import NOISE_MODES, SamplerSettings, edit_video
+from ..pipelines_core.sampler import ATTENTION_LAYERS, NOISE_MODES, SamplerSettings
 from ..pipelines_core.schedulers import SCHEDULERS
+from ..pipelines_core.temporal import guided_edit
 
 
 class VE_CrossFrameSampler:
@@ -45,14 +46,24 @@ class VE_CrossFrameSampler:
                 "attention": (list(RULES), {"default": "first+previous",
                                             "tooltip": "Which frames each frame's self-attention reads: none, the "
                                                        "first, the previous, first+previous (sparse-causal), all."}),
+                "attention_layers": (list(ATTENTION_LAYERS), {"default": "all",
+                                                              "tooltip": "Apply the rule in every self-attention layer, "
+                                                                         "or only in the decoder (Rerender, Pix2Video)."}),
                 "chunk_size": ("INT", {"default": 8, "min": 1, "max": 256,
                                        "tooltip": "Frames denoised together; the first frame joins every chunk as "
                                                   "anchor so chunks do not seam. Lower it if memory runs out."}),
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Frames to edit. Leave unconnected to generate from noise."}),
+                "inversion": ("VE_INVERSION", {"tooltip": "Start from DDIM Invert's latents (strength 1 = from x_T); "
+                                                          "steps must match; needs ddim."}),
+                "injection": ("VE_INJECTION", {"tooltip": "Attention Injector: what to inject from the inversion "
+                                                          "(FateZero, Plug-and-Play, TokenFlow, Pix2Video)."}),
+                "control": ("VE_CONTROL", {"tooltip": "ControlNet Condition(s)."}),
+                "temporal": ("VE_TEMPORAL", {"tooltip": "Temporal Guidance: flow-based fusion, smoother, motion."}),
                 "frame_count": ("INT", {"default": 8, "min": 1, "max": 4096,
-                                        "tooltip": "Frames to generate when no images are connected."}),
+                                        "tooltip": "Frames to generate when neither images nor a ControlNet "
+                                                   "(whose hints give count and size) are connected."}),
                 "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
                                   "tooltip": "Width to generate when no images are connected (multiple of 8)."}),
                 "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
@@ -61,16 +72,24 @@ class VE_CrossFrameSampler:
         }
 
     def sample(self, model, prompt, negative_prompt, seed, steps, cfg, scheduler, strength, noise, attention,
-               chunk_size, images=None, frame_count=8, width=512, height=512):
+               attention_layers, chunk_size, images=None, inversion=None, injection=None, control=None, temporal=None,
+               frame_count=8, width=512, height=512):
         settings = SamplerSettings(
             prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
-            strength=strength, noise=noise, attention=attention, chunk_size=chunk_size,
+            strength=strength, noise=noise, attention=attention, attention_layers=attention_layers,
+            chunk_size=chunk_size,
         )
         if images is None and (width % 8 or height % 8):
             raise ValueError(f"Cross-Frame Sampler: size {width}x{height} must be a multiple of 8")
-        latents = edit_video(
-            model, settings, images=images, frame_count=frame_count, size=(height, width),
-            progress=comfy_bridge.progress("Cross-Frame Sampler"),
+        if inversion is not None and images is not None:
+            raise ValueError("Cross-Frame Sampler: connect either images (SDEdit) or an inversion, not both")
+        if images is None and inversion is None and control is not None and len(control):
+            # Generating under ControlNet: the hints fix the frame count and size.
+            frame_count, (height, width) = control.units[0].frame_count, control.units[0].size
+        latents = guided_edit(
+            model, settings, temporal, images=images, frame_count=frame_count, size=(height, width),
+            progress=comfy_bridge.progress("Cross-Frame Sampler"), control=control, inversion=inversion,
+            injection=injection,
         )
         frames = decode_latents(model, latents, progress=comfy_bridge.progress("VAE decode"))
         return (frames, {"samples": (latents / model.vae_scale).float().cpu()})

@@ -251,6 +251,7 @@ def sample_video(
     control=None,
     inversion=None,
     injection=None,
+    motion: Optional[tuple] = None,
 ) -> torch.Tensor:
     """Sample a video's latents (F, 4, H/8, W/8), scaled as diffusers' latents are.
 
@@ -258,7 +259,8 @@ def sample_video(
       * an `inversion` (DDIM Invert; also the one an `injection` reads): from the inverted latent at the
         first timestep `settings.strength` selects (1.0 = from x_T);
       * `images` (ComfyUI IMAGE) partly noised by `settings.strength` (SDEdit);
-      * noise, for `frame_count` frames of `size` (height, width).
+      * noise, for `frame_count` frames of `size` (height, width); with `motion` = (strength_x, strength_y)
+        Text2Video-Zero's motion dynamics: frame 0 denoised part way, translated for every later frame.
     """
     # 1. Check inputs
     if inversion is None and injection is not None:
@@ -269,7 +271,9 @@ def sample_video(
     elif images is not None:
         check_frames(images)
         frame_count, size = images.shape[0], tuple(images.shape[1:3])
-    elif frame_count is None or size is None:
+    if motion is not None and (inversion is not None or images is not None):
+        raise ValueError("motion dynamics starts from noise: disconnect the images (or the inversion) or turn motion off")
+    if inversion is None and images is None and (frame_count is None or size is None):
         raise ValueError("give images to edit, or a frame count and size to generate from noise")
     settings.check(frame_count, from_images=inversion is not None or images is not None)
     if control is not None:
@@ -324,7 +328,23 @@ def sample_video(
         for module in attached:
             stack.enter_context(attention_processors(module, processor_for))
         stack.enter_context(plan.patches(model.unet))
+        if motion is not None:
+            latents, timesteps = _motion_start(denoiser, scheduler, settings, latents, motion)
         return denoise_loop(denoiser, latents, scheduler, settings.scheduler, timesteps, hooks + plan.hooks, progress)
+
+
+def _motion_start(denoiser: VideoDenoiser, scheduler, settings: SamplerSettings, noise: torch.Tensor, motion: tuple):
+    """Text2Video-Zero's start: frame 0 alone (with the same prompts and control) to t1 and t0, then moved."""
+    from dataclasses import replace as replace_field
+
+    from .motion import motion_dynamics_start
+
+    if settings.scheduler != "ddim":
+        raise ValueError(f"motion dynamics needs the 'ddim' scheduler (Text2Video-Zero's), not {settings.scheduler!r}")
+    first = replace_field(denoiser, chunks=plan_chunks(1, 1, "none"))
+    generator = torch.Generator("cpu").manual_seed(settings.seed + 1)
+    return motion_dynamics_start(first, scheduler, noise[:1], noise.shape[0], motion[0], motion[1],
+                                 generator=generator, shared_noise=settings.noise == "shared")
 
 
 def _check_inversion_settings(settings: SamplerSettings, inversion) -> None:

@@ -166,3 +166,19 @@ def save_tiny_pipeline(folder: str) -> str:
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_controlnet(unet, seed: int = TINY_SEED):
+    """A ControlNet shaped for the tiny UNet, with random non-zero weights (diffusers zero-initialises its
+    output convolutions, which would make it a no-op): lets ControlNet graphs run anywhere, meaning nothing."""
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+        zero_convs = list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block,
+                                                                 controlnet.controlnet_cond_embedding.conv_out]
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.05)
+            torch.nn.init.normal_(conv.bias, std=0.01)
+    return controlnet.eval().requires_grad_(False)
