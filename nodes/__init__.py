@@ -1,5 +1,6 @@
 """The pack's nodes: thin adapters from ComfyUI's node contract to pipelines_core."""
 
+from .attention_injector import VE_AttentionInjector
 from .controlnet_condition import VE_ControlNetCondition
 from .cross_frame_sampler import VE_CrossFrameSampler
 from .ddim_invert import VE_DDIMInvert
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "VE_DDIMInvert": VE_DDIMInvert,
     "VE_ControlNetCondition": VE_ControlNetCondition,
     "VE_TemporalGuidance": VE_TemporalGuidance,
+    "VE_AttentionInjector": VE_AttentionInjector,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -32,4 +34,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VE_DDIMInvert": "DDIM Invert",
     "VE_ControlNetCondition": "ControlNet Condition",
     "VE_TemporalGuidance": "Temporal Guidance",
+    "VE_AttentionInjector": "Attention Injector",
 }

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge
-from ..pipelines_core.models import BUILTIN_TINY, DEVICES, DTYPES, load_model
+from ..pipelines_core.models import BUILTIN_SD15_RANDOM, BUILTIN_TINY, DEVICES, DTYPES, load_model
 
 
 def model_choices() -> list[str]:
-    return [BUILTIN_TINY] + comfy_bridge.model_files("checkpoints") + sorted(comfy_bridge.diffusers_folders())
+    return [BUILTIN_TINY, BUILTIN_SD15_RANDOM] + comfy_bridge.model_files("checkpoints") + sorted(comfy_bridge.diffusers_folders())
 
 
 def resolve_model(name: str) -> str:
-    if name == BUILTIN_TINY:
+    if name in (BUILTIN_TINY, BUILTIN_SD15_RANDOM):
         return name
     found = comfy_bridge.model_path("checkpoints", name) or comfy_bridge.diffusers_folders().get(name)
     if found:

@@ -60,3 +60,6 @@ class PlanContext:
     cfg: float
     seed: int
     target_prompt: str
+    attention: str = "none"  # the sampler's cross-frame rule, its layers and chunking (recorded maps must match)
+    attention_layers: str = "all"
+    chunk_size: int = 8

@@ -45,7 +45,8 @@ _CACHE: "OrderedDict[tuple, Inversion]" = OrderedDict()
 
 def check_invertible(name: str) -> None:
     if name not in INVERTIBLE:
-        raise ValueError(f"scheduler {name!r} cannot be inverted; DDIM Invert and sampling from an inversion use 'ddim'")
+        raise ValueError(f"scheduler {name!r} cannot be inverted; DDIM Invert (and sampling from an inversion) "
+                         "uses 'ddim'")
 
 
 # --- the loop, both ways -------------------------------------------------------------------
@@ -145,6 +146,8 @@ def invert_video(
     record: RecordSpec = RecordSpec(),
     budget_bytes: int = 4 * 2**30,
     null_text: bool = False,
+    null_inner_steps: int = 10,
+    null_lr: float = 1e-2,
     measure: bool = False,
     attention: str = "none",
     chunk_size: int = 8,
@@ -154,7 +157,8 @@ def invert_video(
     """Invert a ComfyUI IMAGE batch (F, H, W, 3) with DDIM, per frame (rule "none") in chunks by default.
 
     With null_text the trajectory is inverted at CFG 1 and unconditional embeddings are optimised so
-    that sampling at `cfg` follows it. `budget_bytes` bounds a "cpu" recording; a "disk" one is
+    that sampling at `cfg` follows it (`null_inner_steps` Adam steps at `null_lr` per timestep,
+    Mokady's defaults). `budget_bytes` bounds a "cpu" recording; a "disk" one is
     bounded by free space. Everything is checked before the first step.
     """
     # 1. Check inputs
@@ -163,7 +167,8 @@ def invert_video(
     _check_settings(steps, cfg, chunk_size, attention, record)
     frame_count, height, width = frames.shape[:3]
     chunks = plan_chunks(frame_count, chunk_size, attention)
-    key = _cache_key(model, frames, prompt, steps, cfg, record, null_text, attention, chunk_size)
+    null_options = (null_inner_steps, null_lr) if null_text else None
+    key = _cache_key(model, frames, prompt, steps, cfg, record, null_options, attention, chunk_size)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _measured(model, _CACHE[key], frames, key) if measure else _CACHE[key]
@@ -186,7 +191,7 @@ def invert_video(
     null = None
     if null_text:
         null = null_text_embeddings(model, latents, timesteps, cond, uncond, cfg, chunks, attention,
-                                    progress=progress)
+                                    null_inner_steps, null_lr, progress)
 
     inversion = Inversion(timesteps, latents, prompt, cond.detach().cpu(), steps, cfg, model.source, attention,
                           chunk_size, null, store, None, record)
@@ -232,14 +237,14 @@ def open_store(record: RecordSpec, unet, frames: int, height: int, width: int, s
 def _recorded_inversion(model: VEModel, denoiser, x0, steps, attention, record, store, progress):
     """ddim_invert with the cross-frame rule attached and recorders on the selected layers."""
     frames, height, width = x0.shape[0], x0.shape[2] * 8, x0.shape[3] * 8
-    rule = get_rule(attention)
     buffer = StepBuffer(store, frames) if store is not None else None
-    tokens = {layer.name: layer.tokens for layer in attention_layers(model.unet, height, width)} \
-        if record.records_attention else {}
+    tokens = {}
+    if record.records_attention:
+        tokens = {layer.name: layer.tokens for layer in attention_layers(model.unet, height, width)}
 
     def processor_for(name: str) -> VideoAttnProcessor:
         edits = recording_edits(name, tokens[name], record, buffer) if tokens else []
-        return VideoAttnProcessor(rule if is_self_attention(name) else own_frame, name, edits)
+        return _rule_processor(attention, name, edits)
 
     def flush(state: StepState) -> torch.Tensor:
         buffer.flush(int(state.timestep))
@@ -248,6 +253,16 @@ def _recorded_inversion(model: VEModel, denoiser, x0, steps, attention, record, 
     hooks = Hooks(after_step=[flush]) if buffer is not None else Hooks()
     with attention_processors(model.unet, processor_for), feature_recording(model.unet, record.features, buffer):
         return ddim_invert(denoiser, x0, model.scheduler_config, steps, hooks, progress)
+
+
+def _rule_processor(attention: str, name: str, edits=()) -> VideoAttnProcessor:
+    """The cross-frame rule on self-attention layers; cross-attention stays per frame."""
+    return VideoAttnProcessor(get_rule(attention) if is_self_attention(name) else own_frame, name, edits)
+
+
+def _cross_frame(unet, attention: str):
+    """Attach the cross-frame rule (no recorders) to `unet` for the duration of a block."""
+    return attention_processors(unet, lambda name: _rule_processor(attention, name))
 
 
 # --- null-text inversion (Mokady et al. 2023) -----------------------------------------------
@@ -261,44 +276,45 @@ def null_text_embeddings(model: VEModel, latents: dict, timesteps: torch.Tensor,
     Runs with gradients even under ComfyUI's inference mode (tensors are cloned into normal ones).
     """
     progress = or_silent(progress)
-    rule = get_rule(attention)
     device, dtype = model.device, model.dtype
-    work_dtype = torch.promote_types(dtype, torch.float32)  # optimise in at least fp32
-    forward, _ = ddim_schedulers(model.scheduler_config, len(timesteps), device)
     levels = [int(t) for t in timesteps] + [0]
     out = {}
-    with torch.inference_mode(False), torch.enable_grad(), \
-            attention_processors(model.unet, lambda n: VideoAttnProcessor(rule if is_self_attention(n) else own_frame, n)):
+    with torch.inference_mode(False), torch.enable_grad(), _cross_frame(model.unet, attention):
+        forward, _ = ddim_schedulers(model.scheduler_config, len(timesteps), device)
         unet = _autograd_unet(model.unet)
-        x = latents[levels[0]].to(device).clone()
-        cond = cond.clone()
-        null = uncond.to(work_dtype).clone()
+        x, cond = latents[levels[0]].to(device).clone(), cond.clone()
+        null = uncond.to(torch.promote_types(dtype, torch.float32)).clone()  # optimise in at least fp32
 
-        def guided_step(null_emb, eps_cond, state: StepState) -> torch.Tensor:
+        def guided_step(null_emb: torch.Tensor, eps_cond: torch.Tensor, state: StepState) -> torch.Tensor:
             eps_null = VideoDenoiser(unet, null_emb.to(dtype), null_emb.to(dtype), 1.0, chunks)(state.latents, state)
-            eps = eps_null + cfg * (eps_cond - eps_null)
-            return forward.step(eps, state.timestep, state.latents).prev_sample
+            return forward.step(eps_null + cfg * (eps_cond - eps_null), state.timestep, state.latents).prev_sample
 
         for i, t in enumerate(timesteps):
-            target = latents[levels[i + 1]].to(device).clone()
             state = StepState(i, t, len(timesteps), x)
             with torch.no_grad():
                 eps_cond = VideoDenoiser(unet, cond, cond, 1.0, chunks)(x, state)
-            null = null.detach().clone().requires_grad_(True)  # a fresh leaf: the stored ones stay put
-            optimiser = torch.optim.Adam([null], lr=lr)
-            for _ in range(inner_steps):
-                loss = torch.nn.functional.mse_loss(guided_step(null, eps_cond, state), target)
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                if loss.item() < 1e-5 + i * 2e-5:  # Mokady's early stop, looser as noise falls
-                    break
-            null = null.detach()
+            target = latents[levels[i + 1]].to(device).clone()
+            early_stop = 1e-5 + i * 2e-5  # Mokady's threshold, looser as the noise falls
+            null = _fit(lambda e: guided_step(e, eps_cond, state), null, target, inner_steps, lr, early_stop)
             out[int(t)] = null.to(dtype).cpu().clone()
             with torch.no_grad():
-                x = guided_step(null, eps_cond, state)  # continue from where the tuned step lands
+                x = guided_step(null, eps_cond, state)  # go on from where the tuned step lands
             progress(i + 1, len(timesteps))
     return out
+
+
+def _fit(step, start: torch.Tensor, target: torch.Tensor, inner_steps: int, lr: float, early_stop: float):
+    """Adam on an embedding so that `step(embedding)` lands on `target` (mean squared error)."""
+    embedding = start.detach().clone().requires_grad_(True)  # a fresh leaf: embeddings already kept stay put
+    optimiser = torch.optim.Adam([embedding], lr=lr)
+    for _ in range(inner_steps):
+        loss = torch.nn.functional.mse_loss(step(embedding), target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if loss.item() < early_stop:
+            break
+    return embedding.detach()
 
 
 def _autograd_unet(unet):
@@ -328,10 +344,8 @@ def reconstruct(model: VEModel, inversion: Inversion, progress: Optional[Progres
         null = inversion.null_embeds[int(state.timestep)].to(model.device, model.dtype)
         return replace(base, uncond=null)(x, state)
 
-    rule = get_rule(inversion.attention)
     x_t = inversion.x_T.to(model.device, model.dtype)
-    with torch.no_grad(), attention_processors(
-            model.unet, lambda n: VideoAttnProcessor(rule if is_self_attention(n) else own_frame, n)):
+    with torch.no_grad(), _cross_frame(model.unet, inversion.attention):
         return ddim_sample(denoise, x_t, model.scheduler_config, inversion.steps, progress=progress)
 
 
@@ -362,7 +376,7 @@ def _content_hash(frames: torch.Tensor) -> str:
 
 def _cache_key(model: VEModel, frames, prompt, steps, cfg, record, null_text, attention, chunk_size) -> tuple:
     weights = (model.source, str(model.dtype), str(model.device), repr(model.loras), id(model.unet))
-    return (_content_hash(frames), weights, prompt, steps, float(cfg), record, bool(null_text), attention, chunk_size)
+    return (_content_hash(frames), weights, prompt, steps, float(cfg), record, null_text, attention, chunk_size)
 
 
 def _remember(key: tuple, inversion: Inversion) -> None:

@@ -2,6 +2,7 @@
 
 Sources (all offline; nothing is ever downloaded):
   * "builtin:tiny"                - a small random SD-shaped model built in-process (tiny.py);
+  * "builtin:sd15-random"         - SD-1.5-sized with random weights, for benchmarks (tiny.py);
   * a diffusers folder            - a directory holding model_index.json and unet/ vae/ text_encoder/ tokenizer/;
   * a single-file checkpoint      - .safetensors/.ckpt in the original SD layout, converted with the
                                     SD-1.5 component configs shipped in configs/sd15 (checkpoint.py).
@@ -16,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN_SD15_RANDOM = "builtin:sd15-random"  # SD-1.5-sized, random weights: for benchmarks only
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -100,6 +102,10 @@ def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Option
         from .tiny import tiny_components
 
         return tiny_components()
+    if source == BUILTIN_SD15_RANDOM:
+        from .tiny import sd15_random_components
+
+        return sd15_random_components()
     if is_diffusers_folder(source):
         return _load_diffusers_folder(source, torch_dtype)
     if os.path.isfile(source) and source.lower().endswith(CHECKPOINT_EXTENSIONS):

@@ -309,7 +309,8 @@ def sample_video(
     plan = InjectionPlan()
     if injection is not None:
         plan = injection.plan(PlanContext(model, frame_count, len(timesteps), tuple(int(t) for t in timesteps),
-                                          settings.cfg, settings.seed, settings.prompt))
+                                          settings.cfg, settings.seed, settings.prompt, settings.attention,
+                                          settings.attention_layers, settings.chunk_size))
     source = SourceBranch(inversion.latents, inversion.prompt_embeds) if plan.source_branch else None
     denoiser = VideoDenoiser(
         model.unet, cond, uncond, settings.cfg, plan_chunks(frame_count, settings.chunk_size, settings.attention),
@@ -317,16 +318,20 @@ def sample_video(
     )
     rule, prefix = get_rule(settings.attention), ATTENTION_LAYERS[settings.attention_layers]
 
-    def processor_for(name: str) -> VideoAttnProcessor:
-        chosen = plan.rule_for(name)
-        if chosen is None:
-            chosen = rule if is_self_attention(name) and name.startswith(prefix) else own_frame
-        return VideoAttnProcessor(chosen, name, plan.edits_for(name))
+    def sampler_rule(name: str):
+        return rule if is_self_attention(name) and name.startswith(prefix) else own_frame
 
-    attached = [model.unet] + (list(control.attention_modules()) if control is not None else [])
+    def unet_processor(name: str) -> VideoAttnProcessor:
+        chosen = plan.rule_for(name)
+        return VideoAttnProcessor(sampler_rule(name) if chosen is None else chosen, name, plan.edits_for(name))
+
+    def controlnet_processor(name: str) -> VideoAttnProcessor:
+        return VideoAttnProcessor(sampler_rule(name), name)  # injections read UNet layers only
+
     with torch.no_grad(), ExitStack() as stack:
-        for module in attached:
-            stack.enter_context(attention_processors(module, processor_for))
+        stack.enter_context(attention_processors(model.unet, unet_processor))
+        for module in control.attention_modules() if control is not None else ():
+            stack.enter_context(attention_processors(module, controlnet_processor))
         stack.enter_context(plan.patches(model.unet))
         if motion is not None:
             latents, timesteps = _motion_start(denoiser, scheduler, settings, latents, motion)

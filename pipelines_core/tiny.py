@@ -182,3 +182,25 @@ def tiny_controlnet(unet, seed: int = TINY_SEED):
             torch.nn.init.normal_(conv.weight, std=0.05)
             torch.nn.init.normal_(conv.bias, std=0.01)
     return controlnet.eval().requires_grad_(False)
+
+
+def sd15_random_components(seed: int = TINY_SEED) -> dict:
+    """SD-1.5-sized components (the shipped SD-1.5 configs) with random weights and the tiny tokenizer:
+    for benchmarking memory and speed at real size without any weights file. Not a meaningful model."""
+    import os
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sd15")
+    write_tiny_tokenizer(_tokenizer_home())
+    tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_home())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(configs, "unet")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(configs, "vae")))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(configs, "text_encoder")))
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler_config": dict(SD_SCHEDULER_CONFIG)}

@@ -12,12 +12,21 @@ from diffusers import UNet2DConditionModel
 
 import comfyui_video_edit.pipelines_core as core
 from comfyui_video_edit.pipelines_core.attention.store import (
-    AttentionStore, RecordSpec, StoreBudgetError, attention_layers, estimate_bytes,
+    AttentionStore, RecordSpec, StoreBudgetError, attention_layers, estimate_bytes, over_budget_message,
 )
 from comfyui_video_edit.pipelines_core.inversion import clear_inversion_cache, invert_video
 
 GiB = 2**30
 EVERYTHING = RecordSpec(self_probs=True, cross_probs=True, qk=True, features=("up_blocks.0.resnets.1", "mid_block"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and avoids thread stalls when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -55,12 +64,9 @@ def test_budget_is_enforced_on_put_with_a_clear_message():
     with pytest.raises(StoreBudgetError, match=r"needs 120 B but the budget is 100 B; lower max_tokens"):
         store.put("b", 1, "q", torch.zeros(20))
     assert store.nbytes == 80 and len(store) == 1
-    big = AttentionStore(budget_bytes=4 * GiB)
-    with pytest.raises(StoreBudgetError, match=r"needs 4\.0 GiB but the budget is 4\.0 GiB"):
-        big.budget_bytes = 4 * GiB - 1
-        big.put("a", 1, "q", torch.empty(0).expand(0))  # nothing stored yet
-        big.nbytes = 4 * GiB - 2
-        big.put("a", 2, "q", torch.zeros(1))
+    assert over_budget_message(int(38.2 * GiB), 4 * GiB) == (
+        "DDIM Invert: recording needs 38.2 GiB but the budget is 4.0 GiB; "
+        "lower max_tokens, record fewer kinds, or use disk storage / raise the budget")
 
 
 def test_disk_storage_writes_one_file_per_entry_and_cleans_up(tmp_path):
@@ -84,14 +90,16 @@ def test_disk_storage_writes_one_file_per_entry_and_cleans_up(tmp_path):
 
 def test_estimate_equals_the_recorded_bytes_exactly(tiny_model):
     frames = small_frames(3)
-    inv = invert_video(tiny_model, frames, "a fox", steps=3, record=EVERYTHING, attention="first+previous", chunk_size=2)
+    inv = invert_video(tiny_model, frames, "a fox", steps=3, record=EVERYTHING, attention="first+previous",
+                       chunk_size=2)
     needed = estimate_bytes(EVERYTHING, tiny_model.unet, 3, 32, 32, 3, "first+previous")
     assert inv.store.nbytes == needed > 0
-    assert len(inv.store) == 3 * (16 + 4 + 2)  # steps x (8 self layers x 3 kinds + 8 cross + 2 features)
+    # steps x (7 self layers x 3 kinds + 7 cross layers + 2 features); 7 blocks: 2 down, 1 mid, 4 up
+    assert len(inv.store) == 3 * (7 * 3 + 7 + 2)
     probs = inv.store.get("down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor", 1, "self_probs")
     assert probs.shape == (3, 2, 16, 32)  # frames, heads, 4x4 queries, [first, previous] x 16 keys
     assert torch.allclose(probs.float().sum(-1), torch.ones(3, 2, 16), atol=1e-2)
-    feature = inv.store.get("up_blocks.0.resnets.1", 501, "feature")
+    feature = inv.store.get("up_blocks.0.resnets.1", int(inv.timesteps[1]), "feature")
     assert feature.shape == (3, 64, 2, 2)
 
 
@@ -105,8 +113,8 @@ def test_only_the_conditional_half_is_recorded_with_cfg(tiny_model):
     assert guided.store.nbytes == one.store.nbytes == estimate_bytes(spec, tiny_model.unet, 2, 32, 32, 2)
     a, b, c = (inv.store.get(name, 1, "cross_probs").float() for inv in (one, guided, other))
     assert a.shape[0] == 2
-    assert (a - b).abs().max() <= 1e-3
-    assert (a - c).abs().max() > 1e-2
+    assert (a - b).abs().max() <= 1e-4  # measured 8e-6 (fp16 storage)
+    assert (a - c).abs().max() > 1e-3  # the uncond prompt's maps: measured 7e-3 (maps are near 1/77)
 
 
 def test_C7_max_tokens_between_the_two_resolutions_records_only_the_small_layers(tiny_model):
@@ -153,8 +161,8 @@ def test_an_unknown_feature_module_is_refused(tiny_model):
 
 def test_self_attention_under_all_frames_needs_one_chunk(tiny_model):
     with pytest.raises(ValueError, match="raise chunk_size"):
-        invert_video(tiny_model, small_frames(3), steps=2, record=RecordSpec(self_probs=True), attention="all",
-                     chunk_size=2)
+        invert_video(tiny_model, small_frames(4), steps=2, record=RecordSpec(self_probs=True), attention="all",
+                     chunk_size=2)  # chunks (0, 1) and (0, 2, 3): 2 and 3 key frames
 
 
 # --- FateZero's default recording on SD-1.5 ------------------------------------------------------

@@ -91,7 +91,8 @@ class RecordSpec:
         if isinstance(self.features, str):
             raise ValueError("features must be a tuple of module names, e.g. ('up_blocks.1.resnets.1',)")
         if self.storage == "disk" and self.folder and not os.path.isdir(self.folder):
-            raise ValueError(f"storage folder {self.folder!r} does not exist; create it or leave it empty for the temp folder")
+            raise ValueError(f"storage folder {self.folder!r} does not exist; create it, or leave it empty "
+                             "for the temp folder")
 
     def disk_folder(self) -> str:
         return self.folder or tempfile.gettempdir()
@@ -265,7 +266,8 @@ def check_feature_names(unet, names) -> None:
         try:
             unet.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"the UNet has no module {name!r} to record; use a path like 'up_blocks.1.resnets.1'") from None
+            raise ValueError(f"the UNet has no module {name!r} to record; "
+                             "use a path like 'up_blocks.1.resnets.1'") from None
 
 
 @contextmanager

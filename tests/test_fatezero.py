@@ -1,0 +1,438 @@
+"""FateZero attention fusion: p2p token alignment, blend masks, and the fusion inside the real sampler
+(methods.md §1.2; properties C1-C7 of §6)."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from comfyui_video_edit.pipelines_core.attention import AttnEdit, is_self_attention
+from comfyui_video_edit.pipelines_core.attention import p2p
+from comfyui_video_edit.pipelines_core.attention.fatezero import (
+    FateZeroParams, FateZeroRun, blend_mask, check_same_attention, cross_fusion_steps, fatezero_injection,
+    fuse_self_attention, fused_layers, latent_blend_active, mask_level, plan_fatezero, refine_maps, replace_maps,
+    self_fusion_steps, word_map,
+)
+from comfyui_video_edit.pipelines_core.attention.store import AttentionStore, RecordSpec, attention_layers, cond_rows
+from comfyui_video_edit.pipelines_core.hooks import Hooks
+from comfyui_video_edit.pipelines_core.injection import Injection, PlanContext
+from comfyui_video_edit.pipelines_core.inversion import invert_video
+from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_video
+
+SOURCE = "a red car on a road"
+STEPS, CFG = 6, 3.0
+RECORD = RecordSpec(self_probs=True, cross_probs=True)
+
+
+# --- tokenizers ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """A word-level tokenizer written on the fly: one token per word, start/end tokens like CLIP's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "</s>", "[UNK]", "a", "cat", "dog", "red", "on", "the", "grass", "watercolor", "painting"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                   unk_token="[UNK]", model_max_length=16)
+
+
+def test_word_groups_on_both_tokenizers(word_tokenizer, tiny_model):
+    assert p2p.word_groups(word_tokenizer, "a cat on the grass", 16) == [[1], [2], [3], [4], [5]]
+    # the tiny tokenizer has one token per byte
+    assert p2p.word_groups(tiny_model.tokenizer, "a cat on", 77) == [[1], [2, 3, 4], [5, 6]]
+    assert p2p.word_positions(tiny_model.tokenizer, "a cat on a mat", ["a"], 77) == [1, 7]
+    with pytest.raises(ValueError, match="'dog' is not in the prompt"):
+        p2p.word_positions(word_tokenizer, "a cat", ["dog"], 16)
+
+
+def test_refine_mapper_aligns_tokens(word_tokenizer):
+    mapper, alphas = p2p.refinement(word_tokenizer, "a cat on the grass", "a red cat on the grass", 16)
+    # <s> a [red] cat on the grass </s>: "red" is new, every other token reads its source token
+    assert mapper[:8].tolist()[:2] == [0, 1] and mapper[3:8].tolist() == [2, 3, 4, 5, 6]
+    assert alphas[:8].tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
+    assert mapper[8:].tolist() == list(range(7, 15))  # padding pairs with the source's padding in order
+
+
+def test_replace_mapper_spreads_a_longer_word(tiny_model):
+    matrix = p2p.replacement(tiny_model.tokenizer, "a cat", "a tiger", 77)  # "cat": 3 tokens, "tiger": 5
+    assert matrix[0, 0] == 1 and matrix[1, 1] == 1
+    assert torch.allclose(matrix[2:5, 2:7], torch.full((3, 5), 1 / 5))
+    assert matrix[5, 7] == 1 and matrix[6, 8] == 1  # end token, then padding, in order
+    assert torch.allclose(matrix[:6].sum(1), torch.ones(6))  # each source token's attention is passed on whole
+    with pytest.raises(ValueError, match="same number of words"):
+        p2p.replacement(tiny_model.tokenizer, "a cat", "a big cat", 77)
+
+
+@pytest.mark.parametrize("which", ["word", "tiny"])
+def test_C6_identical_prompts_give_identity_mappers(which, word_tokenizer, tiny_model):
+    tokenizer, length = (word_tokenizer, 16) if which == "word" else (tiny_model.tokenizer, 77)
+    text = "a red cat on the grass" if which == "word" else SOURCE
+    mapper, alphas = p2p.refinement(tokenizer, text, text, length)
+    assert mapper.tolist() == list(range(length)) and alphas.eq(1).all()
+    assert torch.equal(p2p.replacement(tokenizer, text, text, length), torch.eye(length))
+    maps = torch.rand(2, 2, 4, length).softmax(-1)
+    assert torch.equal(refine_maps(maps, maps, mapper, alphas), maps)
+    assert torch.equal(replace_maps(maps, torch.eye(length)), maps)
+
+
+def test_equalizer_scales_only_its_words(word_tokenizer):
+    scale = p2p.word_equalizer(word_tokenizer, "a watercolor painting", ["watercolor"], [10.0], 16)
+    assert scale[2] == 10 and scale[torch.arange(16) != 2].eq(1).all()
+    assert p2p.word_equalizer(word_tokenizer, "a watercolor painting", ["a", "painting"], [1, 1], 16).eq(1).all()
+
+
+def test_alignment_prefers_pairs_of_equal_tokens():
+    assert p2p.align([5, 6, 7], [5, 6, 7]) == [0, 1, 2]
+    assert p2p.align([5, 6, 7], [5, 9, 6, 7]) == [0, -1, 1, 2]
+    assert p2p.align([5, 6, 7], [5, 7]) == [0, 2]
+
+
+# --- the fusion math (C2, C5) ------------------------------------------------------------------------------
+
+def test_C2_fusion_of_identical_maps_changes_nothing():
+    maps = torch.rand(3, 2, 16, 32).softmax(-1)
+    for mask in (None, torch.zeros(3, 1, 16, 1), torch.rand(3, 1, 16, 1).round()):
+        assert torch.equal(fuse_self_attention(maps, maps.clone(), mask), maps)
+
+
+def random_word_maps(frames=2, heads=3, grid=(3, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(4 * torch.randn(frames, heads, grid[0] * grid[1], 10, generator=g)).softmax(-1) for _ in range(2)]
+
+
+def test_C5_blend_mask_thresholds():
+    words = word_map(random_word_maps(), [2, 3], (3, 4))
+    masks = [blend_mask(words, (6, 8), th) for th in torch.linspace(-0.5, 1.5, 21).tolist()]
+    for looser, stricter in zip(masks, masks[1:]):
+        assert (stricter & ~looser).sum() == 0  # monotone non-increasing in th
+    assert not blend_mask(words, (6, 8), 1.0).any() and not blend_mask(words, (6, 8), 2.0).any()
+    assert blend_mask(words, (6, 8), -1e-3).all()
+    assert 0 < blend_mask(words, (6, 8), 0.5).sum() < words.shape[0] * 48  # a real threshold in between
+
+
+def test_C5_blend_mask_pools_and_resizes_in_place():
+    words = torch.full((1, 3, 4), 0.1)
+    words[0, 0, 2] = 1.0  # one hot cell at row 0, column 2 of a 3x4 grid
+    mask = blend_mask(words, (6, 8), 0.5)[0]
+    expected = torch.zeros(6, 8, dtype=torch.bool)
+    expected[0:4, 2:8] = True  # its 3x3 neighbourhood (rows 0-1, columns 1-3), each cell now 2x2
+    assert torch.equal(mask, expected)
+
+
+def test_mask_level_is_fatezeros_16x16_maps_on_sd15():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD-1.5's UNet shape
+    chosen = {l.name.split(".transformer")[0] for l in mask_level(fused_layers(unet, (64, 64), 32 * 32).values())}
+    assert chosen == {"down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
+                      "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"}
+    left_out = set(unet.attn_processors) - set(fused_layers(unet, (64, 64), 32 * 32))
+    assert {n.split(".attentions")[0] for n in left_out} == {"down_blocks.0", "up_blocks.3"}  # the 64x64 level
+    assert len(left_out) == 10
+
+
+def test_windows_follow_fatezeros_counters():
+    assert self_fusion_steps(0.5, 6) == 3 and self_fusion_steps(0.8, 50) == 40
+    assert cross_fusion_steps(0.8, 50) == 40 and cross_fusion_steps(0.8, 6) == 5  # p2p's alpha table: steps + 1
+    assert [i for i in range(50) if latent_blend_active(i, 50, (0.2, 0.8))] == list(range(10, 39))
+    assert not any(latent_blend_active(i, 6, (0.0, 0.0)) for i in range(6))
+
+
+# --- in the sampler ----------------------------------------------------------------------------------------
+
+def settings(**kw):
+    base = dict(prompt=SOURCE, steps=STEPS, cfg=CFG, strength=1.0, attention="first+previous")
+    return SamplerSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def inversion(tiny_model):
+    frames = torch.rand(3, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+    return invert_video(tiny_model, frames, prompt=SOURCE, steps=STEPS, record=RECORD, attention="first+previous")
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model, inversion):
+    """Sampling from x_T with the source prompt, no injection."""
+    return edit_video(tiny_model, settings(), inversion=inversion)
+
+
+class Observer(AttnEdit):
+    """Keeps the conditional half's probabilities as the layer finally uses them, by (layer, step)."""
+
+    def __init__(self, seen: dict):
+        self.seen = seen
+
+    def probs(self, call, p):
+        self.seen[(call.name, call.layout.step)] = p[cond_rows(call.layout, p.shape[0])].clone()
+        return p
+
+
+def observed(injection: Injection, seen: dict, after_step=None) -> Injection:
+    """The same injection with an Observer after its edits on every layer (and a hook after its hooks)."""
+
+    def planner(inj, context):
+        plan = injection.planner(inj, context)
+        inner = plan.edits_for
+        plan.edits_for = lambda name: tuple(inner(name)) + (Observer(seen),)
+        if after_step is not None:
+            plan.hooks = plan.hooks + Hooks(after_step=[after_step])
+        return plan
+
+    return dataclasses.replace(injection, planner=planner)
+
+
+def recorded_replay(model, inversion) -> AttentionStore:
+    """A store recorded while sampling from x_T with the source prompt, keyed by the sampling timestep:
+    fusing it into the same run is a replay (C1)."""
+    from comfyui_video_edit.pipelines_core.attention.store import StepBuffer, recording_edits
+
+    tokens = {l.name: l.tokens for l in attention_layers(model.unet, 32, 32)}
+    store = AttentionStore(2**30)
+    buffer = StepBuffer(store, 3)
+
+    def flush(state):
+        buffer.flush(int(state.timestep))
+        return state.latents
+
+    def planner(inj, context):
+        from comfyui_video_edit.pipelines_core.injection import InjectionPlan
+
+        return InjectionPlan(edits_for=lambda n: recording_edits(n, tokens[n], RECORD, buffer),
+                             hooks=Hooks(after_step=[flush]))
+
+    edit_video(model, settings(), injection=Injection("record", inversion, None, planner))
+    return store
+
+
+def shifted_by_one_step(store: AttentionStore, timesteps) -> AttentionStore:
+    """The same maps, each filed under the next sampling timestep (an index-vs-timestep bug)."""
+    order = [int(t) for t in timesteps]
+    out = AttentionStore(2**30)
+    for layer, t, kind in store.keys():
+        out.put(layer, order[(order.index(t) + 1) % len(order)], kind, store.get(layer, t, kind))
+    return out
+
+
+def test_C1_replay_identity_and_C3_off_by_one(tiny_model, inversion, plain):
+    replay = dataclasses.replace(inversion, store=recorded_replay(tiny_model, inversion))
+    full = FateZeroParams(self_replace=1.0, cross_replace=1.0, blend_words=("car",), target_blend_words=("car",),
+                          latent_blend=None)
+    same = edit_video(tiny_model, settings(), injection=fatezero_injection(replay, full))
+    replay_error = (same - plain).abs().max().item()
+    assert replay_error <= 2e-3  # the store keeps fp16 maps: replay is exact up to their rounding
+    wrong_step = dataclasses.replace(replay, store=shifted_by_one_step(replay.store, inversion.timesteps))
+    shifted = edit_video(tiny_model, settings(), injection=fatezero_injection(wrong_step, full))
+    assert (shifted - plain).abs().max().item() > 100 * replay_error
+
+
+def test_C1_zero_windows_are_no_injection(tiny_model, inversion, plain):
+    params = FateZeroParams(self_replace=0.0, cross_replace=0.0)
+    injection = fatezero_injection(inversion, params)
+    context = PlanContext(tiny_model, 3, STEPS, tuple(int(t) for t in inversion.timesteps), CFG, 0, SOURCE,
+                          inversion.attention, "all", inversion.chunk_size)
+    plan = plan_fatezero(injection, context)
+    assert all(plan.edits_for(name) == () for name in tiny_model.unet.attn_processors)
+    assert torch.equal(edit_video(tiny_model, settings(), injection=injection), plain)
+
+
+@pytest.fixture(scope="module")
+def gated_run(tiny_model, inversion):
+    """self 0.5, cross 0.8, blend words with th 1 (M = 0), max_tokens between the tiny UNet's 4 and 16."""
+    params = FateZeroParams(self_replace=0.5, cross_replace=0.8, blend_words=("car",), blend_th=1.0,
+                            latent_blend=None, max_tokens=8)
+    seen = {}
+    edit_video(tiny_model, settings(), injection=observed(fatezero_injection(inversion, params), seen))
+    return seen
+
+
+def stored(inversion, name, step, kind):
+    return inversion.store.get(name, int(inversion.timesteps[step]), kind).float()
+
+
+def test_C4_C5_self_fusion_fires_on_steps_0_to_2_with_the_stored_maps(inversion, gated_run):
+    small = [n for n, s in gated_run if s == 0 and is_self_attention(n) and gated_run[(n, 0)].shape[-2] == 4]
+    assert len(small) == 4
+    for name in small:
+        fired = [step for step in range(STEPS) if torch.equal(gated_run[(name, step)], stored(inversion, name, step, "self_probs"))]
+        assert fired == [0, 1, 2]  # int(0.5 * 6) steps; th >= 1 -> M = 0 -> exactly the stored source maps
+
+
+def test_C4_C6_cross_fusion_fires_on_fatezeros_steps(inversion, gated_run):
+    small = [n for n, s in gated_run if s == 0 and not is_self_attention(n) and gated_run[(n, 0)].shape[-2] == 4]
+    assert len(small) == 4
+    for name in small:
+        fired = [step for step in range(STEPS) if torch.equal(gated_run[(name, step)], stored(inversion, name, step, "cross_probs"))]
+        assert fired == [0, 1, 2, 3, 4]  # int(0.8 * 7); identical prompts: refine maps the stored maps 1:1
+
+
+def test_C7_layers_over_max_tokens_are_never_modified(tiny_model, inversion, gated_run):
+    large = {n for n, s in gated_run if gated_run[(n, s)].shape[-2] == 16}
+    assert len(large) == 6  # attn1 and attn2 of down_blocks.0 and up_blocks.1.attentions.{0,1}
+    for name, step in gated_run:
+        if name in large:
+            kind = "self_probs" if is_self_attention(name) else "cross_probs"
+            assert not torch.equal(gated_run[(name, step)], stored(inversion, name, step, kind))
+    context = PlanContext(tiny_model, 3, STEPS, tuple(int(t) for t in inversion.timesteps), CFG, 0, SOURCE,
+                          inversion.attention, "all", inversion.chunk_size)
+    plan = plan_fatezero(fatezero_injection(inversion, FateZeroParams(max_tokens=8)), context)
+    assert all(plan.edits_for(name) == () for name in large)  # fused kernel, no probability tensors
+
+
+def test_C5_threshold_below_zero_is_no_fusion(tiny_model, inversion):
+    """M = 1 everywhere: the edited self-attention is kept bit for bit (compared with a run that takes
+    the same explicit-softmax path on the same layers)."""
+    params = FateZeroParams(self_replace=1.0, cross_replace=0.0, blend_words=("car",), blend_th=-0.01,
+                            latent_blend=None)
+    fused = edit_video(tiny_model, settings(), injection=fatezero_injection(inversion, params))
+
+    def explicit_self(inj, context):
+        from comfyui_video_edit.pipelines_core.injection import InjectionPlan
+
+        return InjectionPlan(edits_for=lambda n: (Observer({}),) if is_self_attention(n) else ())
+
+    reference = edit_video(tiny_model, settings(), injection=Injection("observe", inversion, None, explicit_self))
+    assert torch.equal(fused, reference)
+
+
+def test_planner_checks_the_recording_and_the_words(tiny_model, inversion):
+    context = PlanContext(tiny_model, 3, STEPS, tuple(int(t) for t in inversion.timesteps), CFG, 0, "a blue car",
+                          inversion.attention, "all", inversion.chunk_size)
+    with pytest.raises(ValueError, match="needs attention recorded by DDIM Invert"):
+        plan_fatezero(fatezero_injection(dataclasses.replace(inversion, store=None)), context)
+    no_cross = dataclasses.replace(inversion, record=RecordSpec(self_probs=True))
+    with pytest.raises(ValueError, match="record cross-attention"):
+        plan_fatezero(fatezero_injection(no_cross), context)
+    with pytest.raises(ValueError, match="above what DDIM Invert recorded"):
+        plan_fatezero(fatezero_injection(inversion, FateZeroParams(max_tokens=4096)), context)
+    with pytest.raises(ValueError, match="'bike' is not in the prompt"):
+        plan_fatezero(fatezero_injection(inversion, FateZeroParams(blend_words=("bike",))), context)
+    with pytest.raises(ValueError, match="same number of words"):
+        plan_fatezero(fatezero_injection(inversion, FateZeroParams(mode="replace")), context)
+    with pytest.raises(ValueError, match="tuple of words"):
+        fatezero_injection(inversion, FateZeroParams(blend_words="car"))
+    injection = fatezero_injection(inversion, FateZeroParams(blend_words=("car",)))
+    first, second = plan_fatezero(injection, context), plan_fatezero(injection, context)
+    name = next(n for n in tiny_model.unet.attn_processors if first.edits_for(n))
+    assert first.edits_for(name)[0].run is not second.edits_for(name)[0].run  # fresh state per plan
+    assert injection.params == FateZeroParams(blend_words=("car",))
+
+
+def test_incompatible_rule_or_chunking_is_refused(tiny_model, inversion):
+    injection = fatezero_injection(inversion)
+    with pytest.raises(ValueError, match="chunk_size must match DDIM Invert's"):
+        edit_video(tiny_model, settings(chunk_size=2), injection=injection)
+    with pytest.raises(ValueError, match="attention 'first\\+previous', chunk_size 8 but"):
+        edit_video(tiny_model, settings(attention="none"), injection=injection)
+    check_same_attention(inversion, "first+previous", 8)
+    check_same_attention(inversion, "first+previous", 16)  # one chunk either way
+    for attention, chunk, layers in (("previous", 8, "all"), ("first+previous", 2, "all"), ("first+previous", 8, "decoder")):
+        with pytest.raises(ValueError, match="Cross-Frame Sampler runs"):
+            check_same_attention(inversion, attention, chunk, layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerContext(PlanContext):
+    """A plan context that also names the sampler's cross-frame settings."""
+
+    attention: str = "first+previous"
+    attention_layers: str = "all"
+    chunk_size: int = 8
+
+
+def test_the_planner_refuses_other_settings_when_the_context_names_them(tiny_model, inversion):
+    """Refused before the first step; inside the run only key counts and chunks can be seen (a
+    "first" vs "previous" mismatch has the same shapes)."""
+    base = (tiny_model, 3, STEPS, tuple(int(t) for t in inversion.timesteps), CFG, 0, SOURCE)
+    plan_fatezero(fatezero_injection(inversion), SamplerContext(*base))
+    with pytest.raises(ValueError, match="runs attention 'previous'"):
+        plan_fatezero(fatezero_injection(inversion), SamplerContext(*base, attention="previous"))
+
+
+# --- with peaked attention: blend masks in the run, an edit ---------------------------------------------------
+
+MASK_LAYERS = tuple(f"{block}.transformer_blocks.0.attn2.processor" for block in
+                    ("down_blocks.1.attentions.0", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"))
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model):
+    """The tiny model with queries scaled x8. At random init its attention is nearly uniform (max
+    probability ~0.05), so its maps carry no layout; scaled, they peak (~0.2) as a trained model's do."""
+    unet = copy.deepcopy(tiny_model.unet)
+    for name, module in unet.named_modules():
+        if name.endswith(("attn1", "attn2")):
+            module.to_q.weight.mul_(8.0)
+    return tiny_model.with_changes(unet=unet, source="builtin:tiny (sharp attention)")
+
+
+@pytest.fixture(scope="module")
+def sharp_inversion(sharp_model):
+    """64x48 frames: an 8x6 latent, so the mask level is 4x3 and its 3x3 max-pool leaves structure."""
+    frames = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(7))
+    return invert_video(sharp_model, frames, prompt=SOURCE, steps=STEPS, record=RECORD, attention="first+previous")
+
+
+def test_C5_masks_resize_to_every_fused_layer(sharp_model, sharp_inversion):
+    context = PlanContext(sharp_model, 2, STEPS, tuple(int(t) for t in sharp_inversion.timesteps), CFG, 0, SOURCE,
+                          sharp_inversion.attention, "all", sharp_inversion.chunk_size)
+    run = FateZeroRun(sharp_inversion, FateZeroParams(blend_words=("car",), blend_th=0.8), context)
+    assert {l.grid for l in run.layers.values()} == {(6, 8), (3, 4)}
+    assert {l.name for l in run.mask_layers} == set(MASK_LAYERS)
+    t = int(sharp_inversion.timesteps[2])
+    coarse = blend_mask(run.source_word_map(t), (3, 4), 0.8)
+    assert 0 < coarse.sum() < coarse.numel()
+    for layer in run.layers.values():
+        mask = run.self_mask(t, layer.grid, [0, 1])
+        assert mask.shape == (2, 1, layer.grid[0] * layer.grid[1], 1)
+        if layer.grid == (6, 8):  # nearest upsampling of the coarse mask, row-major like the UNet's tokens
+            assert torch.equal(mask.view(2, 6, 8), coarse.repeat_interleave(2, 1).repeat_interleave(2, 2))
+
+
+def test_latent_blend_keeps_the_union_and_restores_the_rest(sharp_model, sharp_inversion):
+    target, th = "a blue car on a road", 0.9
+    params = FateZeroParams(self_replace=0.0, cross_replace=0.0, blend_words=("car",), target_blend_words=("car",),
+                            blend_th=th)
+    after, seen = {}, {}
+
+    def keep(state):
+        after[state.index] = state.latents.clone()
+        return state.latents
+
+    injection = observed(fatezero_injection(sharp_inversion, params), seen, after_step=keep)
+    edit_video(sharp_model, settings(prompt=target), injection=injection)
+    levels = [int(t) for t in sharp_inversion.timesteps[1:]] + [0]
+    source_words = p2p.word_positions(sharp_model.tokenizer, SOURCE, ["car"], 77)
+    target_words = p2p.word_positions(sharp_model.tokenizer, target, ["car"], 77)
+    blended = [i for i in range(STEPS) if latent_blend_active(i, STEPS, (0.2, 0.8))]
+    assert blended == [1, 2]
+    for i in range(STEPS):
+        restored = (after[i] == sharp_inversion.latents[levels[i]]).all(1)  # back to the inverted latent
+        if i not in blended:
+            assert not restored.any()
+            continue
+        t = int(sharp_inversion.timesteps[i])
+        source_map = word_map([sharp_inversion.store.get(n, t, "cross_probs") for n in MASK_LAYERS], source_words, (3, 4))
+        target_map = sum(word_map([seen[(n, s)] for n in MASK_LAYERS], target_words, (3, 4)) for s in range(i + 1))
+        source_mask, target_mask = blend_mask(source_map, (6, 8), th), blend_mask(target_map, (6, 8), th)
+        assert source_mask.any() and target_mask.any() and not (source_mask | target_mask).all()
+        assert torch.equal(restored, ~(source_mask | target_mask))  # kept: exactly the union of both masks
+
+
+def test_an_edit_changes_the_video_and_keeps_its_structure(sharp_model, sharp_inversion):
+    """With a new target prompt, fused sampling differs from the source reconstruction yet stays closer
+    to the source video than unfused sampling. CFG 1, the inversion's own guidance."""
+    target = settings(prompt="a blue car on a road", cfg=1.0)
+    unfused = edit_video(sharp_model, target, inversion=sharp_inversion)
+    fused = edit_video(sharp_model, target, injection=fatezero_injection(sharp_inversion))
+    reconstruction = edit_video(sharp_model, settings(cfg=1.0), inversion=sharp_inversion)
+    rms = lambda a, b: (a - b).pow(2).mean().sqrt().item()
+    x0 = sharp_inversion.latents[0]
+    assert rms(fused, reconstruction) > 0.05
+    assert rms(fused, x0) < 0.9 * rms(unfused, x0)
