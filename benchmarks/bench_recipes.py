@@ -1,0 +1,155 @@
+"""Benchmark every recipe in workflows/: wall time against the same UNet calls run bare.
+
+For each workflow (run in its own process so peak memory is its own) it prints: wall time of the
+whole graph, the time of the same number of bare UNet calls on inputs of the same shapes (diffusers'
+default attention, no hooks, no ControlNet), their ratio (the recipe's overhead: VAE, flow, inversion
+bookkeeping, injections, cross-frame attention), peak RSS, peak GPU memory, the bytes the inversion
+stores (latents + recorded attention), and the FLOPs of those UNet calls (torch's FlopCounterMode)
+divided by the recipe's wall time, i.e. the useful UNet FLOP/s achieved.
+
+    python benchmarks/bench_recipes.py                              # builtin:tiny on the CPU
+    python benchmarks/bench_recipes.py --model builtin:sd15-random --device cuda --dtype fp16 \
+        --frames 8 --steps 20 --width 512 --height 512             # SD-1.5-sized random weights on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+
+
+def configure(prompt: dict, args) -> dict:
+    for node in prompt.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "VE_LoadVideo":
+            inputs.update(frame_cap=args.frames, width=args.width, height=args.height)
+        elif kind == "VE_LoadModel":
+            inputs.update(checkpoint=args.model, device=args.device, dtype=args.dtype)
+        elif kind in ("VE_CrossFrameSampler", "VE_DDIMInvert"):
+            inputs["steps"] = args.steps
+        elif kind == "VE_ControlNetCondition" and args.model != "builtin:tiny":
+            inputs["controlnet"] = args.controlnet or inputs["controlnet"]
+    return prompt
+
+
+def run_child(recipe: str, args) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from comfyui_video_edit.headless import execute, object_info, ui_to_api
+    from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_bridge
+    from diffusers import UNet2DConditionModel
+
+    info = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
+    prompt = configure(ui_to_api(json.loads((ROOT / "workflows" / f"{recipe}.json").read_text()), info), args)
+    comfy_bridge.set_output_directory(args.output_dir)
+
+    calls, unets = [], []
+
+    def record(module, inputs):  # every UNet forward: the shapes the bare replay will use
+        if isinstance(module, UNet2DConditionModel):
+            unets.append(module)
+            calls.append((tuple(inputs[0].shape), inputs[0].dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = execute(prompt, NODE_CLASS_MAPPINGS)
+    sync()
+    wall = time.perf_counter() - start
+    handle.remove()
+    gpu_peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
+
+    stored = 0
+    for node_id, node in prompt.items():
+        if node["class_type"] == "VE_DDIMInvert":
+            inversion = result.outputs[node_id][0]
+            stored += sum(t.numel() * t.element_size() for t in inversion.latents.values())
+            stored += inversion.store.nbytes if inversion.store is not None else 0
+
+    unet = unets[0]
+    cross = unet.config.cross_attention_dim
+    device = next(unet.parameters()).device
+    unet.set_default_attn_processor() if args.device == "cpu" else None
+    bare, flops = 0.0, 0
+    with torch.inference_mode():
+        for shape, dtype in calls:
+            x = torch.randn(shape, device=device, dtype=dtype)
+            ctx = torch.randn(shape[0], 77, cross, device=device, dtype=dtype)
+            t = torch.tensor(500, device=device)
+            sync()
+            t0 = time.perf_counter()
+            unet(x, t, encoder_hidden_states=ctx)
+            sync()
+            bare += time.perf_counter() - t0
+        distinct = {}
+        for shape, dtype in calls:
+            distinct[(shape, dtype)] = distinct.get((shape, dtype), 0) + 1
+        for (shape, dtype), count in distinct.items():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                unet(torch.randn(shape, device=device, dtype=dtype), torch.tensor(500, device=device),
+                     encoder_hidden_states=torch.randn(shape[0], 77, cross, device=device, dtype=dtype))
+            flops += counter.get_total_flops() * count
+    return {
+        "recipe": recipe, "wall_s": wall, "unet_calls": len(calls), "bare_unet_s": bare,
+        "ratio": wall / bare if bare else float("nan"),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gpu_peak_mb": gpu_peak / 2**20, "inversion_mb": stored / 2**20,
+        "unet_tflop": flops / 1e12, "achieved_tflops": flops / wall / 1e12,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="builtin:tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--height", type=int, default=192)
+    p.add_argument("--controlnet", default="", help="ControlNet for non-tiny models (default: the workflow's)")
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--output-dir", default=os.path.join(os.getcwd(), "output", "bench"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args)))
+        return 0
+    rows = []
+    header = f"{'recipe':22} {'wall s':>8} {'UNet calls':>10} {'bare UNet s':>11} {'ratio':>6} {'peak RSS MB':>11} " \
+             f"{'GPU peak MB':>11} {'inversion MB':>12} {'UNet TFLOP':>10} {'TFLOP/s':>8}"
+    print(f"model {args.model}, {args.device} {args.dtype}, {args.frames} frames {args.width}x{args.height}, "
+          f"{args.steps} steps")
+    print(header)
+    for recipe in args.recipes.split(","):
+        cmd = [sys.executable, __file__, "--child", recipe, "--model", args.model, "--device", args.device,
+               "--dtype", args.dtype, "--frames", str(args.frames), "--steps", str(args.steps),
+               "--width", str(args.width), "--height", str(args.height), "--controlnet", args.controlnet,
+               "--output-dir", args.output_dir]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{recipe:22} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(r)
+        print(f"{r['recipe']:22} {r['wall_s']:8.2f} {r['unet_calls']:10d} {r['bare_unet_s']:11.2f} {r['ratio']:6.2f} "
+              f"{r['peak_rss_mb']:11.0f} {r['gpu_peak_mb']:11.0f} {r['inversion_mb']:12.2f} {r['unet_tflop']:10.3f} "
+              f"{r['achieved_tflops']:8.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
