@@ -5,7 +5,8 @@ whole graph, the time of the same number of bare UNet calls on inputs of the sam
 default attention, no hooks, no ControlNet), their ratio (the recipe's overhead: VAE, flow, inversion
 bookkeeping, injections, cross-frame attention), peak RSS, peak GPU memory, the bytes the inversion
 stores (latents + recorded attention), and the FLOPs of those UNet calls (torch's FlopCounterMode)
-divided by the recipe's wall time, i.e. the useful UNet FLOP/s achieved.
+divided by the recipe's wall time, i.e. the useful UNet FLOP/s achieved, and the temporal warp error of the
+output under the source clip's flow (lower = steadier).
 
     python benchmarks/bench_recipes.py                              # builtin:tiny on the CPU
     python benchmarks/bench_recipes.py --model builtin:sd15-random --device cuda --dtype fp16 \
@@ -71,6 +72,15 @@ def run_child(recipe: str, args) -> dict:
     handle.remove()
     gpu_peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
 
+    # Temporal consistency: warp error of the sampler's frames under the source clip's DIS flow.
+    from comfyui_video_edit.pipelines_core.flow import warp_error
+    from comfyui_video_edit.pipelines_core.flow_estimate import estimate_flow
+
+    by_class = {node["class_type"]: node_id for node_id, node in prompt.items()}
+    source = result.outputs[by_class["VE_LoadVideo"]][0]
+    edited = result.outputs[by_class["VE_CrossFrameSampler"]][0]
+    consistency = warp_error(edited, estimate_flow(source)) if edited.shape == source.shape else float("nan")
+
     stored = 0
     for node_id, node in prompt.items():
         if node["class_type"] == "VE_DDIMInvert":
@@ -110,7 +120,7 @@ def run_child(recipe: str, args) -> dict:
         "ratio": wall / bare if bare else float("nan"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gpu_peak_mb": gpu_peak / 2**20, "inversion_mb": stored / 2**20,
-        "unet_tflop": flops / 1e12, "achieved_tflops": flops / wall / 1e12,
+        "unet_tflop": flops / 1e12, "achieved_tflops": flops / wall / 1e12, "warp_error": consistency,
     }
 
 
@@ -133,7 +143,7 @@ def main() -> int:
         return 0
     rows = []
     header = f"{'recipe':22} {'wall s':>8} {'UNet calls':>10} {'bare UNet s':>11} {'ratio':>6} {'peak RSS MB':>11} " \
-             f"{'GPU peak MB':>11} {'inversion MB':>12} {'UNet TFLOP':>10} {'TFLOP/s':>8}"
+             f"{'GPU peak MB':>11} {'inversion MB':>12} {'UNet TFLOP':>10} {'TFLOP/s':>8} {'warp err':>9}"
     print(f"model {args.model}, {args.device} {args.dtype}, {args.frames} frames {args.width}x{args.height}, "
           f"{args.steps} steps")
     print(header)
@@ -150,7 +160,7 @@ def main() -> int:
         rows.append(r)
         print(f"{r['recipe']:22} {r['wall_s']:8.2f} {r['unet_calls']:10d} {r['bare_unet_s']:11.2f} {r['ratio']:6.2f} "
               f"{r['peak_rss_mb']:11.0f} {r['gpu_peak_mb']:11.0f} {r['inversion_mb']:12.2f} {r['unet_tflop']:10.3f} "
-              f"{r['achieved_tflops']:8.4f}")
+              f"{r['achieved_tflops']:8.4f} {r['warp_error']:9.5f}")
     return 0
 
 

@@ -154,3 +154,14 @@ def test_decoder_only_attention_differs_from_all_layers_and_from_none(tiny_model
     assert (decoder[1:] - everywhere[1:]).abs().max() > 1e-3
     assert (decoder[1:] - plain[1:]).abs().max() > 1e-3
     assert (decoder[0] - plain[0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("rule", ["first+previous", "all"])
+def test_H3_one_frame_with_any_rule_equals_diffusers_img2img(tiny_model, clip_frames, rule):
+    s = SamplerSettings(PROMPT, NEGATIVE, seed=8, steps=5, strength=0.8, attention=rule)
+    ours = decode_latents(tiny_model, edit_video(tiny_model, s, clip_frames[:1]))
+    pipe = pipeline(StableDiffusionImg2ImgPipeline, tiny_model, "ddim")
+    ref = pipe(PROMPT, negative_prompt=NEGATIVE, image=clip_frames[:1].permute(0, 3, 1, 2), strength=0.8,
+               num_inference_steps=5, guidance_scale=7.5, generator=torch.Generator().manual_seed(8),
+               output_type="pt").images
+    assert (ref[0].permute(1, 2, 0) - ours[0]).abs().max() <= 1e-4
