@@ -28,14 +28,11 @@ def find_file(name: str, comfy_kind: Optional[str] = None) -> Optional[str]:
 def _comfy():
     """ComfyUI's modules when this pack runs inside ComfyUI, else None."""
     try:
-        import comfy.model_management  # noqa: F401
-        import comfy.utils  # noqa: F401
-        import folder_paths  # noqa: F401
+        import comfy.model_management
+        import comfy.utils
+        import folder_paths
     except ImportError:
         return None
-    import comfy
-    import folder_paths
-
     return comfy, folder_paths
 
 

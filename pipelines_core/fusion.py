@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .flow import FlowField, chain_flows, image_to_nchw, latent_flow, latent_occlusion, warp
-from .sampler import Hook, StepState
+from .hooks import Hook, StepState
 from .schedulers import SCHEDULERS, predicted_x0
 
 # Rerender's occlusion-mask softening: max-pool 9 then a 9x9 Gaussian with sigma 18 (nearly a box).

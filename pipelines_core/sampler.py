@@ -25,7 +25,7 @@ from .attention.attach import is_self_attention
 from .attention.rules import own_frame
 from .models import VEModel, encode_frames, encode_prompt
 from .progress import Progress, or_silent
-from .hooks import Hook, Hooks, StepState, fold
+from .hooks import Hooks, StepState, fold  # noqa: F401  (StepState: part of the sampler's API)
 from .injection import InjectionPlan, PlanContext
 from .schedulers import SCHEDULERS, eps_from_x0, make_scheduler, predicted_x0
 

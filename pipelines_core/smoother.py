@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .flow import image_to_nchw, interpolate_midframe
 from .flow_estimate import estimate_pair_flow
-from .sampler import Hook, StepState
+from .hooks import Hook, StepState
 
 Interpolator = Callable[[Tensor, Tensor], Tensor]  # (previous IMAGE (N,H,W,3), next IMAGE) -> the frames between
 

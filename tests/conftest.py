@@ -20,3 +20,21 @@ def clip_frames():
     """Three distinct 64x64 frames (ComfyUI IMAGE)."""
     g = torch.Generator().manual_seed(1)
     return torch.rand(3, 64, 64, 3, generator=g)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tiny models' tensors are small: one thread is as fast, and does not stall when jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_inversion_cache():
+    from comfyui_video_edit.pipelines_core.inversion import clear_inversion_cache
+
+    clear_inversion_cache()
+    yield
+    clear_inversion_cache()

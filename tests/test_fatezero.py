@@ -3,6 +3,7 @@
 
 import copy
 import dataclasses
+from typing import Optional
 
 import pytest
 import torch
@@ -16,13 +17,15 @@ from comfyui_video_edit.pipelines_core.attention.fatezero import (
 )
 from comfyui_video_edit.pipelines_core.attention.store import AttentionStore, RecordSpec, attention_layers, cond_rows
 from comfyui_video_edit.pipelines_core.hooks import Hooks
-from comfyui_video_edit.pipelines_core.injection import Injection, PlanContext
+from comfyui_video_edit.pipelines_core.injection import Injection, InjectionPlan, PlanContext
 from comfyui_video_edit.pipelines_core.inversion import invert_video
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_video, plan_chunks
 
 SOURCE = "a red car on a road"
+TARGET = "a blue car on a road"
 STEPS, CFG = 6, 3.0
 RECORD = RecordSpec(self_probs=True, cross_probs=True)
+STORED = FateZeroParams(source="stored")  # the paper's recorded maps (the default is the live source branch)
 
 
 # --- tokenizers ----------------------------------------------------------------------------------------
@@ -151,10 +154,19 @@ def settings(**kw):
     return SamplerSettings(**{**base, **kw})
 
 
+def clip():
+    return torch.rand(3, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+
+
 @pytest.fixture(scope="module")
 def inversion(tiny_model):
-    frames = torch.rand(3, 32, 32, 3, generator=torch.Generator().manual_seed(4))
-    return invert_video(tiny_model, frames, prompt=SOURCE, steps=STEPS, record=RECORD, attention="first+previous")
+    return invert_video(tiny_model, clip(), prompt=SOURCE, steps=STEPS, record=RECORD, attention="first+previous")
+
+
+@pytest.fixture(scope="module")
+def latents_only(tiny_model):
+    """The same inversion without a recording: all the live source branch reads."""
+    return invert_video(tiny_model, clip(), prompt=SOURCE, steps=STEPS, attention="first+previous")
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +193,44 @@ def observed(injection: Injection, seen: dict, after_step=None) -> Injection:
         plan = injection.planner(inj, context)
         inner = plan.edits_for
         plan.edits_for = lambda name: tuple(inner(name)) + (Observer(seen),)
+        if after_step is not None:
+            plan.hooks = plan.hooks + Hooks(after_step=[after_step])
+        return plan
+
+    return dataclasses.replace(injection, planner=planner)
+
+
+class BatchObserver(AttnEdit):
+    """Keeps every row of the probabilities (all chunks) by (layer, step, chunk frames), and the call order."""
+
+    def __init__(self, seen: dict, order: Optional[list] = None):
+        self.seen, self.order = seen, order
+
+    def probs(self, call, p):
+        key = (call.name, call.layout.step, tuple(call.layout.frame_ids))
+        self.seen[key] = (call.layout, p.clone())
+        if self.order is not None:
+            self.order.append(key)
+        return p
+
+
+def rows(entry, role: str) -> torch.Tensor:
+    """The rows of one chunk ("source", "uncond", "cond") of a BatchObserver entry."""
+    layout, p = entry
+    start = layout.roles.index(role) * layout.frames
+    return p[start:start + layout.frames]
+
+
+def watched(injection: Injection, before: Optional[dict] = None, after: Optional[dict] = None, order=None,
+            after_step=None) -> Injection:
+    """The same injection with BatchObservers before and after its edits on every layer."""
+
+    def planner(inj, context):
+        plan = injection.planner(inj, context)
+        inner = plan.edits_for
+        first = (BatchObserver(before, order),) if before is not None else ()
+        last = (BatchObserver(after),) if after is not None else ()
+        plan.edits_for = lambda name: first + tuple(inner(name)) + last
         if after_step is not None:
             plan.hooks = plan.hooks + Hooks(after_step=[after_step])
         return plan
@@ -223,7 +273,7 @@ def shifted_by_one_step(store: AttentionStore, timesteps) -> AttentionStore:
 def test_C1_replay_identity_and_C3_off_by_one(tiny_model, inversion, plain):
     replay = dataclasses.replace(inversion, store=recorded_replay(tiny_model, inversion))
     full = FateZeroParams(self_replace=1.0, cross_replace=1.0, blend_words=("car",), target_blend_words=("car",),
-                          latent_blend=None)
+                          latent_blend=None, source="stored")
     same = edit_video(tiny_model, settings(), injection=fatezero_injection(replay, full))
     replay_error = (same - plain).abs().max().item()
     assert replay_error <= 2e-3  # the store keeps fp16 maps: replay is exact up to their rounding
@@ -232,13 +282,14 @@ def test_C1_replay_identity_and_C3_off_by_one(tiny_model, inversion, plain):
     assert (shifted - plain).abs().max().item() > 100 * replay_error
 
 
-def test_C1_zero_windows_are_no_injection(tiny_model, inversion, plain):
-    params = FateZeroParams(self_replace=0.0, cross_replace=0.0)
+@pytest.mark.parametrize("source", ["stored", "live"])
+def test_C1_zero_windows_are_no_injection(tiny_model, inversion, plain, source):
+    params = FateZeroParams(self_replace=0.0, cross_replace=0.0, source=source)
     injection = fatezero_injection(inversion, params)
     context = PlanContext(tiny_model, 3, STEPS, tuple(int(t) for t in inversion.timesteps), CFG, 0, SOURCE,
                           inversion.attention, "all", inversion.chunk_size)
     plan = plan_fatezero(injection, context)
-    assert all(plan.edits_for(name) == () for name in tiny_model.unet.attn_processors)
+    assert all(plan.edits_for(name) == () for name in tiny_model.unet.attn_processors) and not plan.source_branch
     assert torch.equal(edit_video(tiny_model, settings(), injection=injection), plain)
 
 
@@ -246,7 +297,7 @@ def test_C1_zero_windows_are_no_injection(tiny_model, inversion, plain):
 def gated_run(tiny_model, inversion):
     """self 0.5, cross 0.8, blend words with th 1 (M = 0), max_tokens between the tiny UNet's 4 and 16."""
     params = FateZeroParams(self_replace=0.5, cross_replace=0.8, blend_words=("car",), blend_th=1.0,
-                            latent_blend=None, max_tokens=8)
+                            latent_blend=None, max_tokens=8, source="stored")
     seen = {}
     edit_video(tiny_model, settings(), injection=observed(fatezero_injection(inversion, params), seen))
     return seen
@@ -281,7 +332,7 @@ def test_C7_layers_over_max_tokens_are_never_modified(tiny_model, inversion, gat
             assert not torch.equal(gated_run[(name, step)], stored(inversion, name, step, kind))
     context = PlanContext(tiny_model, 3, STEPS, tuple(int(t) for t in inversion.timesteps), CFG, 0, SOURCE,
                           inversion.attention, "all", inversion.chunk_size)
-    plan = plan_fatezero(fatezero_injection(inversion, FateZeroParams(max_tokens=8)), context)
+    plan = plan_fatezero(fatezero_injection(inversion, FateZeroParams(max_tokens=8, source="stored")), context)
     assert all(plan.edits_for(name) == () for name in large)  # fused kernel, no probability tensors
 
 
@@ -289,7 +340,7 @@ def test_C5_threshold_below_zero_is_no_fusion(tiny_model, inversion):
     """M = 1 everywhere: the edited self-attention is kept bit for bit (compared with a run that takes
     the same explicit-softmax path on the same layers)."""
     params = FateZeroParams(self_replace=1.0, cross_replace=0.0, blend_words=("car",), blend_th=-0.01,
-                            latent_blend=None)
+                            latent_blend=None, source="stored")
     fused = edit_video(tiny_model, settings(), injection=fatezero_injection(inversion, params))
 
     def explicit_self(inj, context):
@@ -305,12 +356,12 @@ def test_planner_checks_the_recording_and_the_words(tiny_model, inversion):
     context = PlanContext(tiny_model, 3, STEPS, tuple(int(t) for t in inversion.timesteps), CFG, 0, "a blue car",
                           inversion.attention, "all", inversion.chunk_size)
     with pytest.raises(ValueError, match="needs attention recorded by DDIM Invert"):
-        plan_fatezero(fatezero_injection(dataclasses.replace(inversion, store=None)), context)
+        plan_fatezero(fatezero_injection(dataclasses.replace(inversion, store=None), STORED), context)
     no_cross = dataclasses.replace(inversion, record=RecordSpec(self_probs=True))
     with pytest.raises(ValueError, match="record cross-attention"):
-        plan_fatezero(fatezero_injection(no_cross), context)
+        plan_fatezero(fatezero_injection(no_cross, STORED), context)
     with pytest.raises(ValueError, match="above what DDIM Invert recorded"):
-        plan_fatezero(fatezero_injection(inversion, FateZeroParams(max_tokens=4096)), context)
+        plan_fatezero(fatezero_injection(inversion, FateZeroParams(max_tokens=4096, source="stored")), context)
     with pytest.raises(ValueError, match="'bike' is not in the prompt"):
         plan_fatezero(fatezero_injection(inversion, FateZeroParams(blend_words=("bike",))), context)
     with pytest.raises(ValueError, match="same number of words"):
@@ -325,7 +376,7 @@ def test_planner_checks_the_recording_and_the_words(tiny_model, inversion):
 
 
 def test_incompatible_rule_or_chunking_is_refused(tiny_model, inversion):
-    injection = fatezero_injection(inversion)
+    injection = fatezero_injection(inversion, STORED)
     with pytest.raises(ValueError, match="chunk_size must match DDIM Invert's"):
         edit_video(tiny_model, settings(chunk_size=2), injection=injection)
     with pytest.raises(ValueError, match="attention 'first\\+previous', chunk_size 8 but"):
@@ -350,9 +401,9 @@ def test_the_planner_refuses_other_settings_when_the_context_names_them(tiny_mod
     """Refused before the first step; inside the run only key counts and chunks can be seen (a
     "first" vs "previous" mismatch has the same shapes)."""
     base = (tiny_model, 3, STEPS, tuple(int(t) for t in inversion.timesteps), CFG, 0, SOURCE)
-    plan_fatezero(fatezero_injection(inversion), SamplerContext(*base))
+    plan_fatezero(fatezero_injection(inversion, STORED), SamplerContext(*base))
     with pytest.raises(ValueError, match="runs attention 'previous'"):
-        plan_fatezero(fatezero_injection(inversion), SamplerContext(*base, attention="previous"))
+        plan_fatezero(fatezero_injection(inversion, STORED), SamplerContext(*base, attention="previous"))
 
 
 # --- with peaked attention: blend masks in the run, an edit ---------------------------------------------------
@@ -372,17 +423,26 @@ def sharp_model(tiny_model):
     return tiny_model.with_changes(unet=unet, source="builtin:tiny (sharp attention)")
 
 
+def sharp_frames():
+    """64x48 frames: an 8x6 latent, so the mask level is 4x3 and its 3x3 max-pool leaves structure."""
+    return torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(7))
+
+
 @pytest.fixture(scope="module")
 def sharp_inversion(sharp_model):
-    """64x48 frames: an 8x6 latent, so the mask level is 4x3 and its 3x3 max-pool leaves structure."""
-    frames = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(7))
-    return invert_video(sharp_model, frames, prompt=SOURCE, steps=STEPS, record=RECORD, attention="first+previous")
+    return invert_video(sharp_model, sharp_frames(), prompt=SOURCE, steps=STEPS, record=RECORD, attention="first+previous")
+
+
+@pytest.fixture(scope="module")
+def sharp_latents(sharp_model):
+    """The same inversion, latents only (what the live source needs)."""
+    return invert_video(sharp_model, sharp_frames(), prompt=SOURCE, steps=STEPS, attention="first+previous")
 
 
 def test_C5_masks_resize_to_every_fused_layer(sharp_model, sharp_inversion):
     context = PlanContext(sharp_model, 2, STEPS, tuple(int(t) for t in sharp_inversion.timesteps), CFG, 0, SOURCE,
                           sharp_inversion.attention, "all", sharp_inversion.chunk_size)
-    run = FateZeroRun(sharp_inversion, FateZeroParams(blend_words=("car",), blend_th=0.8), context)
+    run = FateZeroRun(sharp_inversion, FateZeroParams(blend_words=("car",), blend_th=0.8, source="stored"), context)
     assert {l.grid for l in run.layers.values()} == {(6, 8), (3, 4)}
     assert {l.name for l in run.mask_layers} == set(MASK_LAYERS)
     t = int(sharp_inversion.timesteps[2])
@@ -395,44 +455,224 @@ def test_C5_masks_resize_to_every_fused_layer(sharp_model, sharp_inversion):
             assert torch.equal(mask.view(2, 6, 8), coarse.repeat_interleave(2, 1).repeat_interleave(2, 2))
 
 
-def test_latent_blend_keeps_the_union_and_restores_the_rest(sharp_model, sharp_inversion):
-    target, th = "a blue car on a road", 0.9
+@pytest.mark.parametrize("source", ["stored", "live"])
+def test_latent_blend_keeps_the_union_and_restores_the_rest(sharp_model, sharp_inversion, sharp_latents, source):
+    """Stored: the source mask from the inverted maps at t; live: from the source branch's maps of this step."""
+    inversion = sharp_inversion if source == "stored" else sharp_latents
+    target, th = TARGET, 0.9
     params = FateZeroParams(self_replace=0.0, cross_replace=0.0, blend_words=("car",), target_blend_words=("car",),
-                            blend_th=th)
+                            blend_th=th, source=source)
     after, seen = {}, {}
 
     def keep(state):
         after[state.index] = state.latents.clone()
         return state.latents
 
-    injection = observed(fatezero_injection(sharp_inversion, params), seen, after_step=keep)
+    injection = watched(fatezero_injection(inversion, params), after=seen, after_step=keep)
     edit_video(sharp_model, settings(prompt=target), injection=injection)
-    levels = [int(t) for t in sharp_inversion.timesteps[1:]] + [0]
+    levels = [int(t) for t in inversion.timesteps[1:]] + [0]
     source_words = p2p.word_positions(sharp_model.tokenizer, SOURCE, ["car"], 77)
     target_words = p2p.word_positions(sharp_model.tokenizer, target, ["car"], 77)
     blended = [i for i in range(STEPS) if latent_blend_active(i, STEPS, (0.2, 0.8))]
     assert blended == [1, 2]
     for i in range(STEPS):
-        restored = (after[i] == sharp_inversion.latents[levels[i]]).all(1)  # back to the inverted latent
+        restored = (after[i] == inversion.latents[levels[i]]).all(1)  # back to the inverted latent
         if i not in blended:
             assert not restored.any()
             continue
-        t = int(sharp_inversion.timesteps[i])
-        source_map = word_map([sharp_inversion.store.get(n, t, "cross_probs") for n in MASK_LAYERS], source_words, (3, 4))
-        target_map = sum(word_map([seen[(n, s)] for n in MASK_LAYERS], target_words, (3, 4)) for s in range(i + 1))
+        t = int(inversion.timesteps[i])
+        if source == "stored":
+            source_maps = [inversion.store.get(n, t, "cross_probs") for n in MASK_LAYERS]
+        else:
+            source_maps = [rows(seen[(n, i, (0, 1))], "source") for n in MASK_LAYERS]
+        source_map = word_map(source_maps, source_words, (3, 4))
+        target_map = sum(word_map([rows(seen[(n, s, (0, 1))], "cond") for n in MASK_LAYERS], target_words, (3, 4))
+                         for s in range(i + 1))
         source_mask, target_mask = blend_mask(source_map, (6, 8), th), blend_mask(target_map, (6, 8), th)
         assert source_mask.any() and target_mask.any() and not (source_mask | target_mask).all()
         assert torch.equal(restored, ~(source_mask | target_mask))  # kept: exactly the union of both masks
 
 
-def test_an_edit_changes_the_video_and_keeps_its_structure(sharp_model, sharp_inversion):
+@pytest.mark.parametrize("source", ["stored", "live"])
+def test_an_edit_changes_the_video_and_keeps_its_structure(sharp_model, sharp_inversion, sharp_latents, source):
     """With a new target prompt, fused sampling differs from the source reconstruction yet stays closer
-    to the source video than unfused sampling. CFG 1, the inversion's own guidance."""
-    target = settings(prompt="a blue car on a road", cfg=1.0)
-    unfused = edit_video(sharp_model, target, inversion=sharp_inversion)
-    fused = edit_video(sharp_model, target, injection=fatezero_injection(sharp_inversion))
-    reconstruction = edit_video(sharp_model, settings(cfg=1.0), inversion=sharp_inversion)
+    to the source video than unfused sampling. CFG 1, the inversion's own guidance. Live reads a
+    latents-only inversion."""
+    inversion = sharp_inversion if source == "stored" else sharp_latents
+    target = settings(prompt=TARGET, cfg=1.0)
+    unfused = edit_video(sharp_model, target, inversion=inversion)
+    fused = edit_video(sharp_model, target, injection=fatezero_injection(inversion, FateZeroParams(source=source)))
+    reconstruction = edit_video(sharp_model, settings(cfg=1.0), inversion=inversion)
     rms = lambda a, b: (a - b).pow(2).mean().sqrt().item()
-    x0 = sharp_inversion.latents[0]
+    x0 = inversion.latents[0]
     assert rms(fused, reconstruction) > 0.05
     assert rms(fused, x0) < 0.9 * rms(unfused, x0)
+
+
+# --- the live source branch ------------------------------------------------------------------------------------
+
+LIVE_FULL = FateZeroParams(self_replace=1.0, cross_replace=1.0, blend_words=("car",), target_blend_words=("car",))
+
+
+def plan_context(model, inversion, prompt=SOURCE, attention="first+previous", chunk_size=8):
+    return PlanContext(model, inversion.latents[0].shape[0], STEPS, tuple(int(t) for t in inversion.timesteps), CFG,
+                       0, prompt, attention, "all", chunk_size)
+
+
+def test_live_is_the_default_and_reads_latents_only(tiny_model, latents_only):
+    assert FateZeroParams().source == "live" and latents_only.store is None
+    # nothing recorded, so any cross-frame rule and chunking of the sampler will do
+    plan = plan_fatezero(fatezero_injection(latents_only), plan_context(tiny_model, latents_only, TARGET, "previous", 2))
+    assert plan.source_branch and any(plan.edits_for(n) for n in tiny_model.unet.attn_processors)
+    with pytest.raises(ValueError, match="or use source 'live'"):
+        plan_fatezero(fatezero_injection(latents_only, STORED), plan_context(tiny_model, latents_only))
+    with pytest.raises(ValueError, match="unknown FateZero source 'cached'; choose one of live, stored"):
+        fatezero_injection(latents_only, FateZeroParams(source="cached"))
+
+
+def forced_to(inversion, kept: list) -> Hooks:
+    """Every step starts the edit from the inverted latent at its timestep (what the source branch
+    denoises), and keeps the step's result (before the injection's own latent blend)."""
+
+    def force(state):
+        return inversion.latents[int(state.timestep)].clone()
+
+    def keep(state):
+        kept.append(state.latents.clone())
+        return state.latents
+
+    return Hooks(before_model=[force], after_step=[keep])
+
+
+def one_level_less_noisy(inversion):
+    """The inversion with each sampling timestep's latent replaced by the next one's (a timestep bug)."""
+    levels = [int(t) for t in inversion.timesteps] + [0]
+    latents = {t: inversion.latents[levels[i + 1]] for i, t in enumerate(levels[:-1])}
+    return dataclasses.replace(inversion, latents={**latents, 0: inversion.latents[0]})
+
+
+@pytest.mark.parametrize("cfg, chunk_size", [(1.0, 8), (CFG, 2)])
+def test_C2_live_source_equal_to_the_edit_changes_nothing_and_C3_another_timestep_does(
+        tiny_model, latents_only, cfg, chunk_size):
+    """Same prompt, edit latent forced to the inverted one: every fused map equals the edit's own, at every
+    step, with every mechanism on (self and cross fusion at every step, blend mask, context frames)."""
+    run = settings(cfg=cfg, chunk_size=chunk_size)
+    plain, fused, shifted = [], [], []
+    edit_video(tiny_model, run, inversion=latents_only, hooks=forced_to(latents_only, plain))
+    edit_video(tiny_model, run, injection=fatezero_injection(latents_only, LIVE_FULL),
+               hooks=forced_to(latents_only, fused))
+    error = max((a - b).abs().max().item() for a, b in zip(fused, plain))
+    assert len(fused) == STEPS and error <= 1e-5
+    edit_video(tiny_model, run, injection=fatezero_injection(one_level_less_noisy(latents_only), LIVE_FULL),
+               hooks=forced_to(latents_only, shifted))
+    off = max((a - b).abs().max().item() for a, b in zip(shifted, plain))
+    assert off > 1e-3 and off > 100 * error
+
+
+def test_live_window_0_is_the_source_branch_alone(tiny_model, latents_only):
+    """Nothing to fuse: no edits and no source chunk, so exactly unfused sampling; a source chunk alone
+    would not change the edit either (chunks never mix)."""
+    plain = edit_video(tiny_model, settings(), inversion=latents_only)
+    zero = fatezero_injection(latents_only, FateZeroParams(self_replace=0.0, cross_replace=0.0))
+    plan = plan_fatezero(zero, plan_context(tiny_model, latents_only))
+    assert not plan.source_branch and all(plan.edits_for(n) == () for n in tiny_model.unet.attn_processors)
+    assert torch.equal(edit_video(tiny_model, settings(), injection=zero), plain)
+    alone = Injection("source branch", latents_only, None, lambda inj, ctx: InjectionPlan(source_branch=True))
+    assert (edit_video(tiny_model, settings(), injection=alone) - plain).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def live_gated_run(tiny_model, latents_only):
+    """Live: self 0.5, cross 0.8, th 1 (M = 0), max_tokens between the tiny UNet's 4 and 16, a new prompt."""
+    params = FateZeroParams(self_replace=0.5, cross_replace=0.8, blend_words=("car",), blend_th=1.0,
+                            latent_blend=None, max_tokens=8)
+    seen = {}
+    edit_video(tiny_model, settings(prompt=TARGET), injection=watched(fatezero_injection(latents_only, params), after=seen))
+    return seen
+
+
+def layers_of(seen: dict, is_self: bool, tokens: int) -> list:
+    return sorted({n for n, s, f in seen if is_self_attention(n) == is_self and seen[(n, s, f)][1].shape[-2] == tokens})
+
+
+def test_C4_live_self_fusion_fires_on_steps_0_to_2_with_the_source_rows(live_gated_run):
+    small = layers_of(live_gated_run, True, 4)
+    assert len(small) == 4
+    for name in small:
+        entries = [live_gated_run[(name, step, (0, 1, 2))] for step in range(STEPS)]
+        fired = [step for step, e in enumerate(entries) if torch.equal(rows(e, "cond"), rows(e, "source"))]
+        assert fired == [0, 1, 2]  # int(0.5 * 6) steps; M = 0: exactly the source chunk's maps
+
+
+def test_C4_C6_live_cross_fusion_fires_on_fatezeros_steps(tiny_model, live_gated_run):
+    mapper, alphas = p2p.refinement(tiny_model.tokenizer, SOURCE, TARGET, 77)
+    aligned = alphas == 1
+    assert 0 < (~aligned).sum() < 77  # "blue" has tokens "red" has not
+    small = layers_of(live_gated_run, False, 4)
+    assert len(small) == 4
+    for name in small:
+        entries = [live_gated_run[(name, step, (0, 1, 2))] for step in range(STEPS)]
+        fired = [step for step, e in enumerate(entries)
+                 if torch.equal(rows(e, "cond")[..., aligned], rows(e, "source")[..., mapper[aligned]])]
+        assert fired == [0, 1, 2, 3, 4]  # int(0.8 * 7): aligned target tokens read their source token's live map
+
+
+def test_C7_live_layers_over_max_tokens_are_never_modified(tiny_model, latents_only, live_gated_run):
+    large = layers_of(live_gated_run, True, 16) + layers_of(live_gated_run, False, 16)
+    assert len(large) == 6
+    for (name, step, frames), entry in live_gated_run.items():
+        if name in large:
+            cond, source = rows(entry, "cond"), rows(entry, "source")
+            assert not torch.equal(cond, source)
+    params = FateZeroParams(max_tokens=8, blend_words=("car",))
+    plan = plan_fatezero(fatezero_injection(latents_only, params), plan_context(tiny_model, latents_only, TARGET))
+    assert plan.source_branch and all(plan.edits_for(name) == () for name in large)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 1])
+def test_C5_live_mask_comes_from_the_latest_complete_source_maps(sharp_model, sharp_latents, chunk_size):
+    """Each fused self-attention layer reads M from the source branch's blend-word maps of this step when
+    the call has already passed the mask level, of the previous step when not, and a uniform map's
+    (M = 1 for th < 1) at step 0 before it. With chunk_size 1, frame 0 is context in frame 1's chunk
+    and brings the maps of its own chunk."""
+    th = 0.5
+    params = FateZeroParams(self_replace=1.0, cross_replace=0.0, blend_words=("car",), blend_th=th, latent_blend=None)
+    before, after, order = {}, {}, []
+    injection = watched(fatezero_injection(sharp_latents, params), before, after, order)
+    edit_video(sharp_model, settings(prompt=TARGET, chunk_size=chunk_size), injection=injection)
+    words = p2p.word_positions(sharp_model.tokenizer, SOURCE, ["car"], 77)
+
+    # the order of the layers in one UNet call: which self-attention layers run after the mask level
+    first_call = [name for name, step, frames in order if (step, frames) == order[0][1:]]
+    last_mask = max(first_call.index(n) for n in MASK_LAYERS)
+    fused = [n for n in first_call if is_self_attention(n)]
+    late = {n for n in fused if first_call.index(n) > last_mask}
+    assert late == {f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn1.processor" for i in (0, 1)}
+    own_chunk = {c.frames[k]: c.frames for c in plan_chunks(2, chunk_size, "first+previous") for k in c.keep}
+
+    def word_map_at(step, frames):
+        if step < 0:
+            return torch.ones(len(frames), 3, 4)  # no maps yet
+        per_frame = []
+        for f in frames:
+            chunk = own_chunk[f]
+            maps = [rows(before[(n, step, chunk)], "source")[chunk.index(f)][None] for n in MASK_LAYERS]
+            per_frame.append(word_map(maps, words, (3, 4)))
+        return torch.cat(per_frame)
+
+    def mask(step, frames, grid):
+        return blend_mask(word_map_at(step, frames), grid, th).flatten(1)[:, None, :, None].float()
+
+    partial, told_apart = 0, {"early": 0, "late": 0}
+    for (name, step, frames), entry in after.items():
+        if name not in fused:
+            continue
+        grid = (6, 8) if entry[1].shape[-2] == 48 else (3, 4)
+        at, other = (step, step - 1) if name in late else (step - 1, step)
+        m = mask(at, frames, grid)
+        b = before[(name, step, frames)]
+        assert torch.equal(rows(entry, "cond"), fuse_self_attention(rows(b, "cond"), rows(b, "source"), m))
+        partial += bool(0 < m.sum() < m.numel())
+        if other >= 0 and not torch.equal(mask(other, frames, grid), m):
+            told_apart["late" if name in late else "early"] += 1
+    assert partial > 0 and all(told_apart.values())  # real masks, and the wrong step's would differ

@@ -19,20 +19,8 @@ from comfyui_video_edit.pipelines_core.tiny import SD_SCHEDULER_CONFIG
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and avoids thread stalls when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    clear_inversion_cache()
-    yield
-    clear_inversion_cache()
+pytestmark = pytest.mark.usefixtures("fresh_inversion_cache")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import ast
 import importlib.util
-import os
 import sys
 from pathlib import Path
 

@@ -17,14 +17,6 @@ SOURCE = "a photo of a street"
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are small enough that thread start-up dominates; one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def inversion(tiny_model):

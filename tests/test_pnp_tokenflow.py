@@ -29,14 +29,6 @@ TARGET = "an oil painting of a dragon"
 STEPS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are small enough that thread start-up dominates; one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def frames(count: int, seed: int, static: bool = False) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -14,26 +14,14 @@ import comfyui_video_edit.pipelines_core as core
 from comfyui_video_edit.pipelines_core.attention.store import (
     AttentionStore, RecordSpec, StoreBudgetError, attention_layers, estimate_bytes, over_budget_message,
 )
-from comfyui_video_edit.pipelines_core.inversion import clear_inversion_cache, invert_video
+from comfyui_video_edit.pipelines_core.inversion import invert_video
 
 GiB = 2**30
 EVERYTHING = RecordSpec(self_probs=True, cross_probs=True, qk=True, features=("up_blocks.0.resnets.1", "mid_block"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and avoids thread stalls when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    clear_inversion_cache()
-    yield
-    clear_inversion_cache()
+pytestmark = pytest.mark.usefixtures("fresh_inversion_cache")
 
 
 def small_frames(count=3, size=32, seed=2):
