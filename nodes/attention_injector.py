@@ -42,6 +42,11 @@ class VE_AttentionInjector:
             "required": {
                 "inversion": ("VE_INVERSION", {"tooltip": "From DDIM Invert."}),
                 "mode": (MODES, {"default": "FateZero", "tooltip": "Which method's injection to use."}),
+                "fatezero_source": (["live", "stored"], {"default": "live",
+                                                         "tooltip": "FateZero: source attention maps from a live source "
+                                                                    "branch while sampling (DDIM Invert: latents only; "
+                                                                    "~1.5x compute, no stored maps) or recorded by DDIM "
+                                                                    "Invert (paper-exact; tens of GB at 512 px)."}),
                 "self_replace": ("FLOAT", {"default": 0.8, **frac,
                                            "tooltip": "FateZero: fuse self-attention maps for this fraction of steps "
                                                       "(0.8 style, 0.5 shape)."}),
@@ -77,7 +82,7 @@ class VE_AttentionInjector:
             }
         }
 
-    def build(self, inversion, mode, self_replace, cross_replace, p2p_mode, blend_words, target_blend_words,
+    def build(self, inversion, mode, fatezero_source, self_replace, cross_replace, p2p_mode, blend_words, target_blend_words,
               blend_threshold, equalizer_words, equalizer_values, pnp_f_t, pnp_attn_t, keyframe_every,
               keyframe_weights, guidance_weight, guidance_until):
         if mode == "FateZero":
@@ -85,7 +90,7 @@ class VE_AttentionInjector:
                 cross_replace=cross_replace, self_replace=self_replace, mode=p2p_mode, blend_words=words(blend_words),
                 target_blend_words=words(target_blend_words), blend_th=blend_threshold,
                 equalizer_words=words(equalizer_words), equalizer_values=numbers(equalizer_values),
-                latent_blend=(0.2, 0.8) if blend_words.strip() else None,
+                latent_blend=(0.2, 0.8) if blend_words.strip() else None, source=fatezero_source,
             )
             return (fatezero_injection(inversion, params),)
         if mode == "Plug-and-Play":

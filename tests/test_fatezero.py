@@ -430,7 +430,8 @@ def sharp_frames():
 
 @pytest.fixture(scope="module")
 def sharp_inversion(sharp_model):
-    return invert_video(sharp_model, sharp_frames(), prompt=SOURCE, steps=STEPS, record=RECORD, attention="first+previous")
+    return invert_video(sharp_model, sharp_frames(), prompt=SOURCE, steps=STEPS, record=RECORD,
+                        attention="first+previous")
 
 
 @pytest.fixture(scope="module")
@@ -493,11 +494,12 @@ def test_latent_blend_keeps_the_union_and_restores_the_rest(sharp_model, sharp_i
         assert torch.equal(restored, ~(source_mask | target_mask))  # kept: exactly the union of both masks
 
 
-@pytest.mark.parametrize("source", ["stored", "live"])
-def test_an_edit_changes_the_video_and_keeps_its_structure(sharp_model, sharp_inversion, sharp_latents, source):
+@pytest.mark.parametrize("source, margin", [("stored", 0.9), ("live", 0.95)])
+def test_an_edit_changes_the_video_and_keeps_its_structure(sharp_model, sharp_inversion, sharp_latents, source, margin):
     """With a new target prompt, fused sampling differs from the source reconstruction yet stays closer
     to the source video than unfused sampling. CFG 1, the inversion's own guidance. Live reads a
-    latents-only inversion."""
+    latents-only inversion; its maps are one noise level above the stored ones (x_t, not x_{t-1}: 166
+    timesteps at 6 steps) and keep a little less of the source (measured ratio 0.92 vs 0.81 stored)."""
     inversion = sharp_inversion if source == "stored" else sharp_latents
     target = settings(prompt=TARGET, cfg=1.0)
     unfused = edit_video(sharp_model, target, inversion=inversion)
@@ -506,7 +508,7 @@ def test_an_edit_changes_the_video_and_keeps_its_structure(sharp_model, sharp_in
     rms = lambda a, b: (a - b).pow(2).mean().sqrt().item()
     x0 = inversion.latents[0]
     assert rms(fused, reconstruction) > 0.05
-    assert rms(fused, x0) < 0.9 * rms(unfused, x0)
+    assert rms(fused, x0) < margin * rms(unfused, x0)
 
 
 # --- the live source branch ------------------------------------------------------------------------------------
@@ -522,7 +524,8 @@ def plan_context(model, inversion, prompt=SOURCE, attention="first+previous", ch
 def test_live_is_the_default_and_reads_latents_only(tiny_model, latents_only):
     assert FateZeroParams().source == "live" and latents_only.store is None
     # nothing recorded, so any cross-frame rule and chunking of the sampler will do
-    plan = plan_fatezero(fatezero_injection(latents_only), plan_context(tiny_model, latents_only, TARGET, "previous", 2))
+    other_rule = plan_context(tiny_model, latents_only, TARGET, attention="previous", chunk_size=2)
+    plan = plan_fatezero(fatezero_injection(latents_only), other_rule)
     assert plan.source_branch and any(plan.edits_for(n) for n in tiny_model.unet.attn_processors)
     with pytest.raises(ValueError, match="or use source 'live'"):
         plan_fatezero(fatezero_injection(latents_only, STORED), plan_context(tiny_model, latents_only))
@@ -545,7 +548,8 @@ def forced_to(inversion, kept: list) -> Hooks:
 
 
 def one_level_less_noisy(inversion):
-    """The inversion with each sampling timestep's latent replaced by the next one's (a timestep bug)."""
+    """The inversion with each sampling timestep's latent replaced by the next one's: a timestep bug (C3),
+    or the latent level the stored maps were made at."""
     levels = [int(t) for t in inversion.timesteps] + [0]
     latents = {t: inversion.latents[levels[i + 1]] for i, t in enumerate(levels[:-1])}
     return dataclasses.replace(inversion, latents={**latents, 0: inversion.latents[0]})
@@ -587,7 +591,8 @@ def live_gated_run(tiny_model, latents_only):
     params = FateZeroParams(self_replace=0.5, cross_replace=0.8, blend_words=("car",), blend_th=1.0,
                             latent_blend=None, max_tokens=8)
     seen = {}
-    edit_video(tiny_model, settings(prompt=TARGET), injection=watched(fatezero_injection(latents_only, params), after=seen))
+    injection = watched(fatezero_injection(latents_only, params), after=seen)
+    edit_video(tiny_model, settings(prompt=TARGET), injection=injection)
     return seen
 
 
@@ -621,34 +626,34 @@ def test_C7_live_layers_over_max_tokens_are_never_modified(tiny_model, latents_o
     large = layers_of(live_gated_run, True, 16) + layers_of(live_gated_run, False, 16)
     assert len(large) == 6
     for (name, step, frames), entry in live_gated_run.items():
-        if name in large:
-            cond, source = rows(entry, "cond"), rows(entry, "source")
-            assert not torch.equal(cond, source)
+        if name in large and step > 0:  # at step 0 both chunks start from x_T: the first layer's maps agree
+            assert not torch.equal(rows(entry, "cond"), rows(entry, "source"))
     params = FateZeroParams(max_tokens=8, blend_words=("car",))
     plan = plan_fatezero(fatezero_injection(latents_only, params), plan_context(tiny_model, latents_only, TARGET))
     assert plan.source_branch and all(plan.edits_for(name) == () for name in large)
 
 
-@pytest.mark.parametrize("chunk_size", [8, 1])
-def test_C5_live_mask_comes_from_the_latest_complete_source_maps(sharp_model, sharp_latents, chunk_size):
+@pytest.mark.parametrize("chunk_size, attention", [(8, "first+previous"), (1, "all")])
+def test_C5_live_mask_comes_from_the_latest_complete_source_maps(sharp_model, sharp_latents, chunk_size, attention):
     """Each fused self-attention layer reads M from the source branch's blend-word maps of this step when
     the call has already passed the mask level, of the previous step when not, and a uniform map's
     (M = 1 for th < 1) at step 0 before it. With chunk_size 1, frame 0 is context in frame 1's chunk
-    and brings the maps of its own chunk."""
-    th = 0.5
+    (where, under "all", its maps differ) and brings the maps of its own chunk. The sampler's rule need
+    not be the inversion's."""
+    th = 0.9  # masks of part of the frame (at 0.5 the 3x3 max-pool of a 3x4 map covers nearly all of it)
     params = FateZeroParams(self_replace=1.0, cross_replace=0.0, blend_words=("car",), blend_th=th, latent_blend=None)
     before, after, order = {}, {}, []
     injection = watched(fatezero_injection(sharp_latents, params), before, after, order)
-    edit_video(sharp_model, settings(prompt=TARGET, chunk_size=chunk_size), injection=injection)
+    edit_video(sharp_model, settings(prompt=TARGET, chunk_size=chunk_size, attention=attention), injection=injection)
     words = p2p.word_positions(sharp_model.tokenizer, SOURCE, ["car"], 77)
 
     # the order of the layers in one UNet call: which self-attention layers run after the mask level
     first_call = [name for name, step, frames in order if (step, frames) == order[0][1:]]
     last_mask = max(first_call.index(n) for n in MASK_LAYERS)
-    fused = [n for n in first_call if is_self_attention(n)]
+    fused = [n for n in first_call if is_self_attention(n)]  # max_tokens 1024: every layer (48 and 12 tokens)
     late = {n for n in fused if first_call.index(n) > last_mask}
     assert late == {f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn1.processor" for i in (0, 1)}
-    own_chunk = {c.frames[k]: c.frames for c in plan_chunks(2, chunk_size, "first+previous") for k in c.keep}
+    own_chunk = {c.frames[k]: c.frames for c in plan_chunks(2, chunk_size, attention) for k in c.keep}
 
     def word_map_at(step, frames):
         if step < 0:
@@ -663,7 +668,7 @@ def test_C5_live_mask_comes_from_the_latest_complete_source_maps(sharp_model, sh
     def mask(step, frames, grid):
         return blend_mask(word_map_at(step, frames), grid, th).flatten(1)[:, None, :, None].float()
 
-    partial, told_apart = 0, {"early": 0, "late": 0}
+    partial, told_apart = {"early": 0, "late": 0}, {"early": 0, "late": 0}
     for (name, step, frames), entry in after.items():
         if name not in fused:
             continue
@@ -672,7 +677,24 @@ def test_C5_live_mask_comes_from_the_latest_complete_source_maps(sharp_model, sh
         m = mask(at, frames, grid)
         b = before[(name, step, frames)]
         assert torch.equal(rows(entry, "cond"), fuse_self_attention(rows(b, "cond"), rows(b, "source"), m))
-        partial += bool(0 < m.sum() < m.numel())
-        if other >= 0 and not torch.equal(mask(other, frames, grid), m):
-            told_apart["late" if name in late else "early"] += 1
-    assert partial > 0 and all(told_apart.values())  # real masks, and the wrong step's would differ
+        group = "late" if name in late else "early"
+        partial[group] += bool(0 < m.sum() < m.numel())
+        told_apart[group] += other >= 0 and not torch.equal(mask(other, frames, grid), m)
+    assert all(partial.values()) and all(told_apart.values())  # real masks, and the wrong step's would differ
+
+
+@pytest.mark.parametrize("cfg, mode", [(1.0, "refine"), (CFG, "replace")])
+def test_live_on_a_source_one_level_less_noisy_is_the_stored_fusion(sharp_model, sharp_inversion, cfg, mode):
+    """The one documented difference: stored maps were made at x_{t-1} with timestep t. A live source
+    branch fed x_{t-1} at the step with timestep t gives the stored result, up to the store's fp16."""
+    run = settings(prompt=TARGET, cfg=cfg)
+    stored_params = FateZeroParams(mode=mode, source="stored")
+    stored = edit_video(sharp_model, run, injection=fatezero_injection(sharp_inversion, stored_params))
+    x_T = sharp_inversion.x_T
+    start_at_x_T = Hooks(before_model=[lambda state: x_T.clone() if state.index == 0 else state.latents])
+    shifted = fatezero_injection(one_level_less_noisy(sharp_inversion), FateZeroParams(mode=mode))
+    live_shifted = edit_video(sharp_model, run, injection=shifted, hooks=start_at_x_T)
+    live = edit_video(sharp_model, run, injection=fatezero_injection(sharp_inversion, FateZeroParams(mode=mode)))
+    error = (live_shifted - stored).abs().max().item()
+    assert error <= 5e-3  # measured 6e-4 (cfg 1) and 2e-3 (cfg 3)
+    assert (live - stored).abs().max().item() > 100 * error

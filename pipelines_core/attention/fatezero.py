@@ -1,10 +1,24 @@
-"""FateZero (Qi et al., ICCV 2023): edit a video by fusing the attention its DDIM inversion recorded.
+"""FateZero (Qi et al., ICCV 2023): edit a video by fusing the attention of its source into the edit.
 
-DDIM Invert records, at every timestep t, the attention probabilities of every layer with at most
-`max_tokens` queries (FateZero: 32x32; the 64x64 level is skipped for memory). Sampling from x_T with
-the target prompt, the step with timestep t reads what the inversion step with timestep t recorded
-(FateZero's `len(store) - cur_step - 1`: aligned by timestep) and, on the conditional CFG half only
-(FateZero edits `attn[h // 2:]`):
+Where the source attention comes from (`FateZeroParams.source`):
+
+* "stored" (the paper, exactly): DDIM Invert records, at every timestep t, the attention probabilities
+  of every layer with at most `max_tokens` queries (FateZero: 32x32; the 64x64 level is skipped for
+  memory). The sampling step with timestep t reads what the inversion step with timestep t recorded
+  (FateZero's `len(store) - cur_step - 1`: aligned by timestep): maps of the UNet at x_{t-1} with
+  timestep t. For 8 frames at 512x512 and 50 steps that is 36 GiB (one key frame) to 69 GiB
+  (first+previous) of fp16 maps.
+* "live" (the default): DDIM Invert keeps the latents only, and the sampler's UNet batch carries a live
+  source branch, [source, uncond, cond]: the inverted latent x_t under the source prompt. The source
+  maps are the source chunk's rows of the same attention call (same layer, step, frames and
+  cross-frame rule), so nothing is stored; the cost is a third chunk in every UNet call (~1.5x the
+  UNet compute of CFG's two). They differ from the paper's in one point: they are computed at x_t with
+  timestep t during sampling, not at x_{t-1} with timestep t during inversion (a source branch fed
+  x_{t-1} reproduces the stored result). Every cond row of a chunk is fused (context frames too: their
+  source rows sit at the same positions).
+
+Sampling from x_T with the target prompt, on the conditional CFG half only (FateZero edits
+`attn[h // 2:]`):
 
 * self-attention fusion, steps i < int(self_replace * N): A = M*A_edit + (1 - M)*A_src, with the
   blend mask M of the source prompt's blend words (FateZero's MaskBlend); no blend words -> M = 0;
@@ -13,8 +27,8 @@ the target prompt, the step with timestep t reads what the inversion step with t
   fused = Refine or Replace (p2p.py), times the equalizer when one is given;
 * latent blend after the step (FateZero's LatentBlend, only with blend words), while
   int(start*N) < i + 1 < int(end*N): x <- x_src + M_union*(x - x_src), M_union the union of the source
-  words' mask (inverted maps at t) and the target words' mask (this run's own maps, summed over the
-  steps so far).
+  words' mask (stored: inverted maps at t; live: the source branch's maps of this step) and the target
+  words' mask (this run's own maps, summed over the steps so far).
 
 Blend mask (FateZero `get_mask`): cross-attention maps of the blend words at the 16x16 level of SD-1.5
 (`down_cross[2:4] + up_cross[:3]`), summed over the words' tokens, averaged over heads and layers,
@@ -22,7 +36,17 @@ Blend mask (FateZero `get_mask`): cross-attention maps of the blend words at the
 The 16x16 level is the coarsest one with attention in SD-1.5's down and up blocks (the 8x8 mid block
 excluded); on other UNets (the builtin tiny one) that same rule picks the analogous level.
 
-The stored self-attention keys are the frames the inversion's cross-frame rule gathered, chunk by
+Blend mask with a live source: one UNet call has all the source's mask-level maps only after its last
+mask layer (SD-1.5: up_blocks.1.attentions.2), when every encoder, mid and 16x16 decoder self-attention
+layer has already run. Each self-attention layer therefore takes the mask of the latest step whose
+mask-level maps of its frames are complete: the current step for the layers after the mask level in
+the call (SD-1.5: the 32x32 decoder layers, up_blocks.2), the previous step for those before it. At
+the first step, before the mask level, no maps exist yet and the mask is that of a uniform map: M = 1
+(the edit's own maps) for blend_th < 1, M = 0 for blend_th >= 1, so the thresholds' meaning (C5) holds
+at every step. The latent blend's source mask uses the current step's live maps (complete after the
+step).
+
+Stored maps: the self-attention keys are the frames the inversion's cross-frame rule gathered, chunk by
 chunk, so sampling must use the same rule and chunking (checked; see `check_same_attention`). Only the
 frames a chunk keeps are fused; context frames lent to a later chunk keep their own maps, as they had
 in the inversion.
@@ -46,6 +70,7 @@ from .processor import AttnCall, AttnEdit
 from .store import attention_layers, cond_rows
 
 MODES = ("refine", "replace")
+SOURCES = ("live", "stored")  # source maps: the live source branch, or maps recorded by DDIM Invert
 BLEND_POOL = 3  # FateZero's get_mask: k = 1 -> a 3x3 max-pool
 CHECK_FIX = "the Cross-Frame Sampler's attention, attention_layers 'all' and chunk_size must match DDIM Invert's"
 
@@ -65,8 +90,11 @@ class FateZeroParams:
     latent_blend: Optional[tuple] = (0.2, 0.8)  # LatentBlend start_blend/end_blend; needs blend words; None: off
     max_tokens: int = 32 * 32  # only layers with at most this many queries are fused (all recorded ones)
     source_prompt: str = ""  # the prompt the recorded maps belong to; empty: the inversion's prompt
+    source: str = "live"  # "live": a source branch in the UNet batch, latents-only inversion; "stored": recorded maps
 
     def check(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown FateZero source {self.source!r}; choose one of {', '.join(SOURCES)}")
         for name in ("cross_replace", "self_replace"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"FateZero {name} must be a fraction of the steps in [0, 1] (got {getattr(self, name)})")
@@ -85,7 +113,8 @@ class FateZeroParams:
 
 def fatezero_injection(inversion, params: FateZeroParams = FateZeroParams(),
                        source_prompt: Optional[str] = None) -> Injection:
-    """VE_INJECTION for FateZero, reading `inversion` (DDIM Invert with self_probs and cross_probs recorded)."""
+    """VE_INJECTION for FateZero, reading `inversion`: its latents ("live"), or the self_probs and
+    cross_probs DDIM Invert recorded ("stored")."""
     if source_prompt is not None:
         params = replace(params, source_prompt=source_prompt)
     params.check()
@@ -218,15 +247,68 @@ def mask_level(layers: Iterable[Layer]) -> list[Layer]:
     return [l for l in outside_mid if l.grid[0] * l.grid[1] == coarsest]
 
 
+# --- the live source branch -------------------------------------------------------------------------------
+
+def source_rows(layout, batch: int) -> slice:
+    """Rows of the live source chunk in a (chunk, frame) batch."""
+    if layout is None or "source" not in layout.roles:
+        raise ValueError("FateZero source 'live' needs the sampler's source branch in the UNet batch")
+    if batch != len(layout.roles) * layout.frames:
+        raise ValueError(f"batch {batch} does not match the layout {layout.roles} x {layout.frames} frames")
+    start = layout.roles.index("source") * layout.frames
+    return slice(start, start + layout.frames)
+
+
+class LiveWordMaps:
+    """The source branch's blend-word maps on the mask layers, for the current and the previous step.
+
+    A frame's first maps in a step count: chunks run in order, so a frame lent as context to a later
+    chunk keeps those of the chunk that keeps it.
+    """
+
+    def __init__(self, layers: Sequence[Layer], frames: int, words: Sequence[int]):
+        self.layers = [l.name for l in layers]
+        self.grid = layers[0].grid if layers else None
+        self.frames, self.words = frames, list(words)
+        self.sums: dict[int, dict[str, Tensor]] = {}  # step -> layer -> (F, heads, N) summed over the words
+        self.filled: dict[int, dict[str, Tensor]] = {}  # step -> layer -> (F,) which frames have maps
+
+    def add(self, step: int, layer: str, frame_ids: Sequence[int], maps: Tensor) -> None:
+        """maps: (n, heads, N, text tokens), the source rows of frames `frame_ids`."""
+        for old in [s for s in self.sums if s < step - 1]:
+            del self.sums[old], self.filled[old]
+        words = maps[..., self.words].float().sum(-1)
+        if layer not in self.sums.setdefault(step, {}):
+            self.sums[step][layer] = words.new_zeros(self.frames, *words.shape[1:])
+            self.filled.setdefault(step, {})[layer] = torch.zeros(self.frames, dtype=torch.bool, device=words.device)
+        sums, filled = self.sums[step][layer], self.filled[step][layer]
+        ids = torch.as_tensor(list(frame_ids), device=words.device)
+        new = ~filled[ids]
+        sums[ids[new]] = words[new]
+        filled[ids[new]] = True
+
+    def complete(self, step: int, frame_ids: Sequence[int]) -> bool:
+        """Whether every mask layer has given maps for these frames in `step`."""
+        filled = self.filled.get(step, {})
+        return all(name in filled and bool(filled[name][list(frame_ids)].all()) for name in self.layers)
+
+    def word_map(self, step: int, frame_ids: Sequence[int]) -> Tensor:
+        """(n, h, w): as `word_map` of the inverted maps, from this step's live maps."""
+        per_head = torch.cat([self.sums[step][name][list(frame_ids)] for name in self.layers], dim=1)
+        return per_head.mean(1).unflatten(-1, self.grid)
+
+
 # --- one run --------------------------------------------------------------------------------------------
 
 class FateZeroRun:
-    """The state of one sampling run: what to fuse where, the blend masks of the current step, and the
-    target prompt's cross-attention summed over the steps (for the latent blend)."""
+    """The state of one sampling run: what to fuse where, the blend masks of the current step, the live
+    source's blend-word maps, and the target prompt's cross-attention summed over the steps (for the
+    latent blend)."""
 
     def __init__(self, inversion, params: FateZeroParams, context: PlanContext):
         params.check()
         self.inversion, self.params, self.context = inversion, params, context
+        self.live = params.source == "live"
         self.store = inversion.store
         self.steps = context.steps
         latent = inversion.latents[0]
@@ -240,8 +322,11 @@ class FateZeroRun:
         self._check_context(context)
         self._check_recording()
         self._prepare_text(context)
-        # Chunks as the inversion ran them: batch frames -> positions whose outputs the chunk keeps.
-        self.kept = {c.frames: c.keep for c in plan_chunks(self.frames, inversion.chunk_size, inversion.attention)}
+        # Chunks as the maps were made (live: the sampler's; stored: the inversion's): batch frames ->
+        # positions whose outputs the chunk keeps.
+        chunking = (context.chunk_size, context.attention) if self.live else (inversion.chunk_size, inversion.attention)
+        self.kept = {c.frames: c.keep for c in plan_chunks(self.frames, *chunking)}
+        self.live_maps = LiveWordMaps(self.mask_layers, self.frames, self.source_words)
         self._source_map_at: Optional[tuple] = None  # (timestep, (F, h, w) source blend-word map)
         self._masks, self._masks_at = {}, None  # this step's self-attention masks by layer grid
         self.target_maps: dict[str, Tensor] = {}  # mask layer -> (F, heads, N), summed over steps
@@ -251,7 +336,7 @@ class FateZeroRun:
         if context.frame_count != self.frames:
             raise ValueError(f"FateZero: the sampler has {context.frame_count} frames but DDIM Invert {self.frames}")
         attention = getattr(context, "attention", None)
-        if attention is not None and self.fuses_anything:
+        if attention is not None and self.fuses_anything and not self.live:
             check_same_attention(self.inversion, attention, getattr(context, "chunk_size", self.inversion.chunk_size),
                                  getattr(context, "attention_layers", "all"))
 
@@ -267,11 +352,11 @@ class FateZeroRun:
 
     def _check_recording(self) -> None:
         kinds = self._needed_kinds()
-        if not kinds or not self.layers:
+        if self.live or not kinds or not self.layers:
             return
         if self.store is None:
             raise ValueError("FateZero needs attention recorded by DDIM Invert: turn on its self and cross "
-                             "attention recording")
+                             "attention recording, or use source 'live'")
         recorded = self.inversion.record
         if self.params.max_tokens > recorded.max_tokens:
             raise ValueError(f"FateZero max_tokens {self.params.max_tokens} is above what DDIM Invert recorded "
@@ -313,13 +398,27 @@ class FateZeroRun:
         for layer in self.layers.values():
             if layer.is_self and self.self_steps > 0:
                 edits[layer.name] = (SelfAttentionFusion(self, layer),)
-            elif not layer.is_self and (self.cross_steps > 0 or self.records_target(layer)):
+            elif not layer.is_self and (self.cross_steps > 0 or self.records_target(layer) or self.watches(layer)):
                 edits[layer.name] = (CrossAttentionFusion(self, layer),)
         hooks = Hooks(after_step=[self.latent_blend]) if self.blend else Hooks()
-        return InjectionPlan(edits_for=lambda name: edits.get(name, ()), hooks=hooks)
+        return InjectionPlan(edits_for=lambda name: edits.get(name, ()), hooks=hooks,
+                             source_branch=self.live and bool(edits))
 
     # -- what an edit reads --------------------------------------------------------------------------
-    def fused_rows(self, call: AttnCall, batch: int) -> tuple[list, list]:
+    def fusion_inputs(self, call: AttnCall, p: Tensor, kind: str) -> tuple:
+        """(rows to fuse, their frame numbers, the source maps for them): live, every cond row and the
+        source chunk's rows at the same positions; stored, the kept cond rows and the recorded maps."""
+        if self.live:
+            batch = p.shape[0]
+            return cond_rows(call.layout, batch), list(call.layout.frame_ids), p[source_rows(call.layout, batch)]
+        rows, frames = self.kept_rows(call, p.shape[0])
+        source = self.source(call.name, call.layout.timestep, kind, frames, p)
+        if source.shape[-1] != p.shape[-1]:
+            keys = p.shape[-1] // p.shape[-2]
+            raise ValueError(incompatible_message(self.inversion, f"a rule reading {keys} frame(s) per query"))
+        return rows, frames, source
+
+    def kept_rows(self, call: AttnCall, batch: int) -> tuple[list, list]:
         """Batch rows of the conditional half that the chunk keeps, and their frame numbers."""
         layout = call.layout
         keep = self.kept.get(tuple(layout.frame_ids)) if layout is not None else None
@@ -348,6 +447,35 @@ class FateZeroRun:
             self._masks[grid] = blend_mask(self.source_word_map(timestep), grid, self.params.blend_th)
         return self._masks[grid][frames].flatten(1)[:, None, :, None]
 
+    # -- the live source's blend mask ------------------------------------------------------------------
+    @property
+    def needs_source_maps(self) -> bool:
+        return self.live and bool(self.source_words) and (self.self_steps > 0 or self.blend)
+
+    def watches(self, layer: Layer) -> bool:
+        """Whether this run keeps the source branch's blend-word maps of `layer` (a mask layer)."""
+        return self.needs_source_maps and layer in self.mask_layers
+
+    def watches_at(self, index: int) -> bool:
+        """Steps whose maps a mask needs: self-fusion steps (this one's and the next's) and latent blends."""
+        return index < self.self_steps or latent_blend_active(index, self.steps, self.blend_window)
+
+    def live_self_mask(self, step: int, grid: tuple, frames: list) -> Optional[Tensor]:
+        """M from the latest step whose live mask-level maps of `frames` are complete (this step's after
+        the mask level, the previous step's before it); before any, a uniform map's (M = blend_th < 1)."""
+        if not self.source_words:
+            return None
+        maps = self.live_maps
+        at = step if maps.complete(step, frames) else step - 1
+        words = maps.word_map(at, frames) if maps.complete(at, frames) else torch.ones(len(frames), *maps.grid)
+        return blend_mask(words, grid, self.params.blend_th).flatten(1)[:, None, :, None]
+
+    def source_blend_map(self, index: int, timestep: int) -> Tensor:
+        """(F, h, w) source blend-word map for the latent blend after step `index`."""
+        if self.live:  # on the CPU, like the stored maps and the target words' sums it is joined with
+            return self.live_maps.word_map(index, range(self.frames)).cpu()
+        return self.source_word_map(timestep)
+
     # -- latent blend -----------------------------------------------------------------------------------
     def records_target(self, layer: Layer) -> bool:
         """Whether this run sums the target words' maps of `layer` (a mask layer, with a latent blend)."""
@@ -370,7 +498,8 @@ class FateZeroRun:
         """
         if not latent_blend_active(state.index, self.steps, self.blend_window):
             return state.latents
-        union = blend_mask(self.source_word_map(int(state.timestep)), self.latent_size, self.params.blend_th)
+        union = blend_mask(self.source_blend_map(state.index, int(state.timestep)), self.latent_size,
+                           self.params.blend_th)
         if self.target_words:
             summed = torch.cat([self.target_maps[l.name] for l in self.mask_layers], dim=1).mean(1)
             union = union | blend_mask(summed.unflatten(-1, self.mask_layers[0].grid), self.latent_size,
@@ -393,40 +522,40 @@ class SelfAttentionFusion(AttnEdit):
         self.run, self.layer = run, layer
 
     def probs(self, call: AttnCall, p: Tensor) -> Tensor:
-        step, t = call.layout.step, call.layout.timestep
-        if step >= self.run.self_steps:
+        run, step, t = self.run, call.layout.step, call.layout.timestep
+        if step >= run.self_steps:
             return p
-        rows, frames = self.run.fused_rows(call, p.shape[0])
-        source = self.run.source(call.name, t, "self_probs", frames, p)
-        if source.shape[-1] != p.shape[-1]:
-            keys = p.shape[-1] // p.shape[-2]
-            raise ValueError(incompatible_message(self.run.inversion, f"a rule reading {keys} frame(s) per query"))
-        mask = self.run.self_mask(t, self.layer.grid, frames)
+        rows, frames, source = run.fusion_inputs(call, p, "self_probs")
+        if run.live:
+            mask = run.live_self_mask(step, self.layer.grid, frames)
+        else:
+            mask = run.self_mask(t, self.layer.grid, frames)
         p = p.clone()
         p[rows] = fuse_self_attention(p[rows], source, None if mask is None else mask.to(p.device, p.dtype))
         return p
 
 
 class CrossAttentionFusion(AttnEdit):
-    """p2p on the kept conditional rows for steps < int(cross_replace*(N+1)); also sums the target
-    words' maps for the latent blend on the mask layers."""
+    """p2p on the conditional rows for steps < int(cross_replace*(N+1)); on the mask layers also keeps
+    the live source's blend-word maps and sums the target words' maps for the latent blend."""
 
     def __init__(self, run: FateZeroRun, layer: Layer):
         self.run, self.layer = run, layer
 
     def probs(self, call: AttnCall, p: Tensor) -> Tensor:
-        run, step, t = self.run, call.layout.step, call.layout.timestep
+        run, step = self.run, call.layout.step
         fuse = step < run.cross_steps
         record = run.records_target_at(step) and run.records_target(self.layer)
-        if not (fuse or record):
-            return p
-        rows, frames = run.fused_rows(call, p.shape[0])
-        target = p[rows]
+        watch = run.watches(self.layer) and run.watches_at(step)
+        if watch:
+            run.live_maps.add(step, call.name, call.layout.frame_ids, p[source_rows(call.layout, p.shape[0])])
         if record:
-            run.add_target_maps(call.name, frames, target)
+            kept, frames = run.kept_rows(call, p.shape[0])
+            run.add_target_maps(call.name, frames, p[kept])
         if not fuse:
             return p
-        source = run.source(call.name, t, "cross_probs", frames, p)
+        rows, frames, source = run.fusion_inputs(call, p, "cross_probs")
+        target = p[rows]
         if run.params.mode == "replace":
             fused = replace_maps(source, run.replace_matrix.to(p.device, p.dtype))
         else:
