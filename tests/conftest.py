@@ -38,3 +38,17 @@ def fresh_inversion_cache():
     clear_inversion_cache()
     yield
     clear_inversion_cache()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket use fails the test: loading must be purely local."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -7,7 +7,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 
 import pytest
 import torch
@@ -60,16 +59,6 @@ def _write(folder, state: dict, fmt: str) -> str:
     return path
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any socket use fails the test: loading must be purely local."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -51,16 +50,6 @@ def hints():
     return torch.rand(3, 3, *SMALL, generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any socket use fails the test: loading must be purely local."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
 def settings(**kw) -> SamplerSettings:

@@ -1,6 +1,5 @@
 """Load Model: builtin:tiny, diffusers folders, devices and dtypes, prompt encoding (methods.md §6 G5)."""
 
-import socket
 
 import pytest
 import torch
@@ -10,12 +9,6 @@ from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_vide
 from comfyui_video_edit.pipelines_core.tiny import save_tiny_pipeline
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted during an offline load")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def test_builtin_tiny_is_deterministic(tiny_model):

@@ -253,10 +253,7 @@ def source_rows(layout, batch: int) -> slice:
     """Rows of the live source chunk in a (chunk, frame) batch."""
     if layout is None or "source" not in layout.roles:
         raise ValueError("FateZero source 'live' needs the sampler's source branch in the UNet batch")
-    if batch != len(layout.roles) * layout.frames:
-        raise ValueError(f"batch {batch} does not match the layout {layout.roles} x {layout.frames} frames")
-    start = layout.roles.index("source") * layout.frames
-    return slice(start, start + layout.frames)
+    return layout.rows("source", batch)
 
 
 class LiveWordMaps:

@@ -34,6 +34,15 @@ class FrameLayout:
     timestep: Optional[int] = None
     step: Optional[int] = None
 
+    def rows(self, role: str, batch: int) -> slice:
+        """The batch rows of chunk `role` ("source", "uncond", "cond"), checked against the batch size."""
+        if role not in self.roles:
+            raise ValueError(f"the UNet batch has no {role!r} chunk (chunks: {', '.join(self.roles) or 'none'})")
+        if batch != len(self.roles) * self.frames:
+            raise ValueError(f"batch {batch} does not match the layout {self.roles} x {self.frames} frames")
+        start = self.roles.index(role) * self.frames
+        return slice(start, start + self.frames)
+
 
 @dataclass(frozen=True)
 class AttnCall:

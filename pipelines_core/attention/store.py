@@ -185,10 +185,7 @@ def cond_rows(layout: Optional[FrameLayout], batch: int) -> slice:
     """Rows of the conditional CFG half in a (chunk, frame) batch: FateZero edits only that half."""
     if layout is None or "cond" not in layout.roles:
         raise ValueError("recording needs the sampler's frame layout (roles with a 'cond' chunk)")
-    if batch != len(layout.roles) * layout.frames:
-        raise ValueError(f"batch {batch} does not match the layout {layout.roles} x {layout.frames} frames")
-    start = layout.roles.index("cond") * layout.frames
-    return slice(start, start + layout.frames)
+    return layout.rows("cond", batch)
 
 
 class StepBuffer:
