@@ -36,6 +36,14 @@ def _comfy():
     return comfy, folder_paths
 
 
+def file_fingerprint(path: Optional[str]) -> str:
+    """Changes when the file (or folder) at `path` changes, so ComfyUI's cache does not serve a stale result."""
+    if not path or not os.path.exists(path):
+        return ""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def in_comfyui() -> bool:
     return _comfy() is not None
 

@@ -65,6 +65,13 @@ class VE_LoadModel:
             return str(e)
         return True
 
+    @classmethod
+    def IS_CHANGED(cls, checkpoint, **_):
+        try:
+            return comfy_bridge.file_fingerprint(resolve_model(checkpoint))
+        except FileNotFoundError:
+            return ""
+
     def load(self, checkpoint, dtype, device, tokenizer=""):
         model = load_model(
             resolve_model(checkpoint), dtype=dtype, device=comfy_bridge.device_choice(device),

@@ -86,6 +86,13 @@ class VE_LoadVideo:
             return str(e)
         return True
 
+    @classmethod
+    def IS_CHANGED(cls, video, **_):
+        try:
+            return comfy_bridge.file_fingerprint(resolve_video(video))
+        except (FileNotFoundError, ValueError):
+            return ""
+
     def load(self, video, frame_cap, skip_first, every_nth, target_fps, width, height, multiple_of, fit):
         frames, info, audio = load_video(
             resolve_video(video), frame_cap=frame_cap, skip_first=skip_first, every_nth=every_nth,

@@ -48,5 +48,9 @@ class VE_LoRAApply:
             return str(e)
         return True
 
+    @classmethod
+    def IS_CHANGED(cls, lora, **_):
+        return comfy_bridge.file_fingerprint(comfy_bridge.find_file(lora, "loras"))
+
     def apply(self, model, lora, strength):
         return (add_lora(model, resolve_lora(lora), strength),)

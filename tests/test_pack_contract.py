@@ -100,3 +100,15 @@ def test_pack_imports_are_relative():
                 if isinstance(node, ast.Import):
                     for a in node.names:
                         assert a.name.split(".")[0] not in own, f"{path.name}: absolute import of {a.name}"
+
+
+def test_file_nodes_change_their_cache_key_when_the_file_changes(pack, tmp_path):
+    import shutil
+
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(PACK / "assets" / "sample_pan.mp4", clip)
+    load_video = pack.NODE_CLASS_MAPPINGS["VE_LoadVideo"]
+    before = load_video.IS_CHANGED(video=str(clip), frame_cap=4)
+    assert before == load_video.IS_CHANGED(video=str(clip), frame_cap=4)
+    clip.write_bytes(clip.read_bytes() + b"\0")
+    assert load_video.IS_CHANGED(video=str(clip), frame_cap=4) != before
