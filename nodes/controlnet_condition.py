@@ -16,13 +16,21 @@ def controlnet_choices() -> list[str]:
     return [BUILTIN_TINY_CONTROLNET] + comfy_bridge.model_files("controlnet")
 
 
+def resolve_controlnet(name: str) -> str:
+    """A ControlNet in ComfyUI's models/controlnet, or a path (file or diffusers folder)."""
+    path = comfy_bridge.model_path("controlnet", name) or os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"ControlNet Condition: {name!r} not found; pick one from models/controlnet or give a path")
+    return path
+
+
 def load_named_controlnet(name: str, model):
     if name == BUILTIN_TINY_CONTROLNET:
         if model.source != "builtin:tiny":
             raise ValueError("ControlNet Condition: the builtin:tiny ControlNet only fits the builtin:tiny model")
         return tiny_controlnet(model.unet).to(model.device, model.dtype)
-    path = comfy_bridge.model_path("controlnet", name) or os.path.expanduser(name)
-    return load_controlnet(path, dtype=model.dtype, device=model.device)
+    return load_controlnet(resolve_controlnet(name), dtype=model.dtype, device=model.device)
 
 
 class VE_ControlNetCondition:
@@ -74,11 +82,13 @@ class VE_ControlNetCondition:
 
     @classmethod
     def VALIDATE_INPUTS(cls, controlnet):
-        if controlnet == BUILTIN_TINY_CONTROLNET or comfy_bridge.model_path("controlnet", controlnet):
+        if controlnet == BUILTIN_TINY_CONTROLNET:
             return True
-        if os.path.exists(os.path.expanduser(controlnet)):
-            return True
-        return f"ControlNet Condition: {controlnet!r} not found; pick one from models/controlnet or give a path"
+        try:
+            resolve_controlnet(controlnet)
+        except FileNotFoundError as e:
+            return str(e)
+        return True
 
     def condition(self, model, frames, controlnet, preprocessor, strength, start, end, guess_mode,
                   cross_frame_attention, control=None, annotator_dir="", low_threshold=100, high_threshold=200):

@@ -265,12 +265,11 @@ def sample_video(
     # 1. Check inputs
     if inversion is None and injection is not None:
         inversion = injection.inversion
+    frame_count, size = clip_extent(images, inversion, frame_count, size)
     if inversion is not None:
-        frame_count, size = inversion.latents[0].shape[0], tuple(8 * d for d in inversion.latents[0].shape[-2:])
         _check_inversion_settings(settings, inversion)
     elif images is not None:
         check_frames(images)
-        frame_count, size = images.shape[0], tuple(images.shape[1:3])
     if motion is not None and (inversion is not None or images is not None):
         raise ValueError("motion dynamics starts from noise: disconnect the images (or the inversion) or turn motion off")
     if inversion is None and images is None and (frame_count is None or size is None):
@@ -350,6 +349,15 @@ def _motion_start(denoiser: VideoDenoiser, scheduler, settings: SamplerSettings,
     generator = torch.Generator("cpu").manual_seed(settings.seed + 1)
     return motion_dynamics_start(first, scheduler, noise[:1], noise.shape[0], motion[0], motion[1],
                                  generator=generator, shared_noise=settings.noise == "shared")
+
+
+def clip_extent(images=None, inversion=None, frame_count=None, size=None) -> tuple:
+    """(frame count, (height, width)) of what will be sampled: the inversion's, else the images', else as given."""
+    if inversion is not None:
+        return inversion.latents[0].shape[0], tuple(8 * d for d in inversion.latents[0].shape[-2:])
+    if images is not None:
+        return images.shape[0], tuple(images.shape[1:3])
+    return frame_count, size
 
 
 def _check_inversion_settings(settings: SamplerSettings, inversion) -> None:

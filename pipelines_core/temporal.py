@@ -22,7 +22,7 @@ from .fusion import (
 )
 from .hooks import Hooks
 from .models import VEModel, decode_latents, encode_frames
-from .sampler import SamplerSettings, edit_video
+from .sampler import SamplerSettings, clip_extent, edit_video
 from .schedulers import make_scheduler
 from .smoother import interleaved_smoother_hook
 
@@ -87,14 +87,8 @@ def guided_edit(model: VEModel, settings: SamplerSettings, guidance: Optional[Te
     """`edit_video` with temporal guidance: one pass, plus Rerender's pixel-fusion pass when asked."""
     if guidance is None:
         return edit_video(model, settings, images, frame_count, size, progress=progress, **sampler_inputs)
-    shape_frames = images if images is not None else None
-    if shape_frames is not None:
-        frame_count, size = shape_frames.shape[0], tuple(shape_frames.shape[1:3])
     inversion = sampler_inputs.get("inversion") or getattr(sampler_inputs.get("injection"), "inversion", None)
-    if inversion is not None:
-        frame_count = inversion.latents[0].shape[0]
-        size = tuple(8 * d for d in inversion.latents[0].shape[-2:])
-    guidance.check(frame_count, size)
+    guidance.check(*clip_extent(images, inversion, frame_count, size))
     hooks = guidance_hooks(model, settings, guidance)
     motion = motion_strengths(guidance.flow) if guidance.motion else None
     latents = edit_video(model, settings, images, frame_count, size, hooks=hooks, progress=progress, motion=motion,

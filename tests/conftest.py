@@ -52,3 +52,22 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+class Cancelled(Exception):
+    """What a user's Cancel looks like to the engine: the progress callback raises."""
+
+
+@pytest.fixture
+def cancel_at():
+    """A progress callback that raises Cancelled when `step` steps are done."""
+
+    def make(step):
+        def progress(done, total):
+            if done == step:
+                raise Cancelled()
+
+        return progress
+
+    make.error = Cancelled
+    return make

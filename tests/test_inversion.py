@@ -247,17 +247,10 @@ def test_measure_on_a_cache_hit_fills_the_readout_once(tiny_model):
     assert invert_video(tiny_model, frames, steps=2, measure=True) is measured
 
 
-def test_processors_are_restored_after_an_interrupted_inversion(tiny_model):
-    class Cancelled(Exception):
-        pass
-
-    def progress(done, total):
-        if done == 2:
-            raise Cancelled()
-
+def test_processors_are_restored_after_an_interrupted_inversion(tiny_model, cancel_at):
     before = dict(tiny_model.unet.attn_processors)
-    with pytest.raises(Cancelled):
-        invert_video(tiny_model, small_frames(), steps=4, attention="first", progress=progress)
+    with pytest.raises(cancel_at.error):
+        invert_video(tiny_model, small_frames(), steps=4, attention="first", progress=cancel_at(2))
     after = tiny_model.unet.attn_processors
     assert all(after[k] is before[k] for k in before)
     assert not any(isinstance(p, VideoAttnProcessor) for p in after.values())

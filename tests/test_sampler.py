@@ -107,17 +107,10 @@ def test_identity_x0_hook_changes_nothing_and_a_real_one_does(tiny_model, clip_f
     assert (edit_video(tiny_model, s, clip_frames, hooks=to_zero) - plain).abs().max() > 1e-2
 
 
-def test_interrupt_mid_sampling_restores_processors(tiny_model, clip_frames):
-    class Cancelled(Exception):
-        pass
-
-    def progress(done, total):
-        if done == 2:
-            raise Cancelled()
-
+def test_interrupt_mid_sampling_restores_processors(tiny_model, clip_frames, cancel_at):
     before = dict(tiny_model.unet.attn_processors)
-    with pytest.raises(Cancelled):
-        edit_video(tiny_model, SamplerSettings(PROMPT, steps=5, attention="all"), clip_frames, progress=progress)
+    with pytest.raises(cancel_at.error):
+        edit_video(tiny_model, SamplerSettings(PROMPT, steps=5, attention="all"), clip_frames, progress=cancel_at(2))
     after = tiny_model.unet.attn_processors
     assert all(after[k] is before[k] for k in before)
     assert not any(isinstance(p, VideoAttnProcessor) for p in after.values())
