@@ -1,12 +1,17 @@
 """Everything the nodes need from ComfyUI, with a headless fallback when ComfyUI is absent.
 
-Inside ComfyUI: its progress bar (which also raises on Cancel), its device choice, its folders.
-Headless (the `video-edit` command, tests, scripts): tqdm, the 'auto' device, ./output and paths.
+Inside ComfyUI: its progress bar (which also raises on Cancel), its device choice, its folders, its
+tokenizer. Headless (the `video-edit` command, tests, scripts): tqdm, the 'auto' device, ./output and paths.
+
+ComfyUI is found through its public modules (`folder_paths`, `comfy.model_management`, `comfy.utils`,
+`comfy.sd1_clip`), never through a module's `__file__`: `comfy` is a namespace package (no __init__.py),
+whose `__file__` is None. A lookup that fails inside ComfyUI raises; it never turns into "not found".
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 _OUTPUT_DIR: Optional[str] = None
@@ -26,13 +31,19 @@ def find_file(name: str, comfy_kind: Optional[str] = None) -> Optional[str]:
 
 
 def _comfy():
-    """ComfyUI's modules when this pack runs inside ComfyUI, else None."""
-    try:
-        import comfy.model_management
-        import comfy.utils
-        import folder_paths
-    except ImportError:
+    """ComfyUI's modules when this pack runs inside a ComfyUI process, else None.
+
+    ComfyUI imports `folder_paths` and `comfy.model_management` before it loads custom nodes, so their
+    presence in sys.modules is what "inside ComfyUI" means. We never import them first ourselves: a
+    headless run started from a ComfyUI checkout would pick up its `comfy` folder, whose modules parse
+    the command line on import. Once inside, an import that fails is a real error and propagates.
+    """
+    if "folder_paths" not in sys.modules or "comfy.model_management" not in sys.modules:
         return None
+    import comfy.model_management
+    import comfy.utils
+    import folder_paths
+
     return comfy, folder_paths
 
 
@@ -100,22 +111,13 @@ def input_directory() -> Optional[str]:
 def model_files(kind: str) -> list[str]:
     """File names ComfyUI lists for a model folder kind ("checkpoints", "loras", "controlnet"); [] headless."""
     env = _comfy()
-    if env is None:
-        return []
-    try:
-        return list(env[1].get_filename_list(kind))
-    except Exception:  # a kind this ComfyUI does not know
-        return []
+    return list(env[1].get_filename_list(kind)) if env is not None else []
 
 
 def model_path(kind: str, name: str) -> Optional[str]:
+    """The full path of a file ComfyUI lists under `kind`; None when it has no such file (or headless)."""
     env = _comfy()
-    if env is None:
-        return None
-    try:
-        return env[1].get_full_path(kind, name)
-    except Exception:
-        return None
+    return env[1].get_full_path(kind, name) if env is not None else None
 
 
 def diffusers_folders() -> dict[str, str]:
@@ -124,11 +126,7 @@ def diffusers_folders() -> dict[str, str]:
     if env is None:
         return {}
     found = {}
-    try:
-        roots = env[1].get_folder_paths("diffusers")
-    except Exception:
-        return {}
-    for root in roots:
+    for root in env[1].get_folder_paths("diffusers"):
         if not os.path.isdir(root):
             continue
         for dirpath, _dirs, files in os.walk(root, followlinks=True):
@@ -138,9 +136,13 @@ def diffusers_folders() -> dict[str, str]:
 
 
 def comfy_tokenizer_dirs() -> list[str]:
-    """ComfyUI ships SD-1.5's CLIP tokenizer in comfy/sd1_tokenizer: single-file checkpoints can use it."""
-    env = _comfy()
-    if env is None:
+    """The folder of ComfyUI's own SD-1.x CLIP tokenizer, as ComfyUI itself resolves it; [] headless.
+
+    Single-file checkpoints carry no tokenizer; inside ComfyUI this one needs no extra file. Asked of
+    `comfy.sd1_clip.SDTokenizer` (what ComfyUI uses for SD-1.5 checkpoints), so wherever ComfyUI keeps it.
+    """
+    if _comfy() is None:
         return []
-    comfy, _ = env
-    return [os.path.join(os.path.dirname(comfy.__file__), "sd1_tokenizer")]
+    import comfy.sd1_clip
+
+    return [comfy.sd1_clip.SDTokenizer().tokenizer.name_or_path]

@@ -73,8 +73,11 @@ class VE_LoadModel:
             return ""
 
     def load(self, checkpoint, dtype, device, tokenizer=""):
+        source = resolve_model(checkpoint)
+        # Only a single file lacks a tokenizer of its own; asking ComfyUI for one costs a tokenizer load.
+        fallback = comfy_bridge.comfy_tokenizer_dirs() if os.path.isfile(source) and not tokenizer else []
         model = load_model(
-            resolve_model(checkpoint), dtype=dtype, device=comfy_bridge.device_choice(device),
-            tokenizer_dir=tokenizer or None, tokenizer_candidates=comfy_bridge.comfy_tokenizer_dirs(),
+            source, dtype=dtype, device=comfy_bridge.device_choice(device),
+            tokenizer_dir=tokenizer or None, tokenizer_candidates=fallback,
         )
         return (model,)

@@ -269,7 +269,10 @@ def _finish(model: torch.nn.Module, source: str, dtype: torch.dtype, device: tor
     missing = tuple(n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta)
     if missing:
         raise _mismatch(source, missing)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device)
+    if model.dtype != dtype:  # naming a dtype in .to() makes diffusers warn even when nothing is cast
+        model = model.to(dtype=dtype)
+    return model.eval().requires_grad_(False)
 
 
 def load_controlnet(

@@ -7,10 +7,12 @@ shared UNet and text encoder for the duration of a block, and hands the modules 
 what they computed before (the base model, outside any scope), so other branches of the graph
 that run the same weights see no LoRA.
 
-Mechanism: each file is loaded once into the shared modules as a named peft adapter (name from
-the file's path, size and mtime) with diffusers' loaders; a scope activates and scales adapters,
-and its exit disables them, which makes peft call the untouched base layer (bit-exact). Nothing is
-fused into the base weights.
+Mechanism: on entering a scope each file is loaded into the shared modules as a named peft adapter
+(name from the file's path, size and mtime) with diffusers' loaders and activated at its strength;
+the scope's exit removes every wrapper it added, so the modules are plain diffusers/transformers
+layers again with untouched base weights (a model object is shared by every later graph and must
+come back exactly as it was lent). Nothing is fused into the base weights. Nested scopes load into
+the outer scope's wrappers and hand them back as they found them.
 
 Layouts read: kohya/A1111 (`lora_unet_…lora_down.weight`, `.lora_up.weight`, `.alpha`,
 `lora_te_…`), converted by diffusers; diffusers/peft (`unet.….lora_A.weight`,
@@ -95,6 +97,10 @@ def lora_scope(model: VEModel) -> Iterator[VEModel]:
     active at their strengths; on exit they compute what they computed before (the base model)."""
     weights = adapter_weights(model.loras)
     modules = [_module(model, part) for part in PARTS]
+    # The modules are shared by every model built from the same Load Model output (ComfyUI caches it
+    # and hands it to every later graph), so a scope that found them plain leaves them plain: no peft
+    # wrapper may outlive it (a ControlNet built from the UNet would copy the wrappers' keys).
+    plain = [not _tuner_layers(module) for module in modules]
     saved = [_snapshot(module) for module in modules]  # before loading: new layers end disabled
     try:
         for spec in model.loras:
@@ -103,8 +109,11 @@ def lora_scope(model: VEModel) -> Iterator[VEModel]:
             _activate(module, weights)
         yield model
     finally:
-        for module, state in zip(modules, saved):
-            _restore(module, state)
+        for module, was_plain, state in zip(modules, plain, saved):
+            if was_plain:
+                _remove_adapters(module)
+            else:  # an enclosing scope loaded them: hand them back to it as they were
+                _restore(module, state)
 
 
 def adapter_weights(loras) -> dict:
@@ -118,14 +127,8 @@ def adapter_weights(loras) -> dict:
 def unload_loras(model: VEModel) -> None:
     """Remove every loaded LoRA adapter from the model's modules (frees their memory); the modules
     become plain diffusers/transformers layers again. Later scopes reload what they need."""
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
     for module in (model.unet, model.text_encoder):
-        if _tuner_layers(module):
-            recurse_remove_peft_layers(module)  # each wrapper is replaced by its original layer
-        if hasattr(module, "peft_config"):
-            del module.peft_config
-            module._hf_peft_config_loaded = False
+        _remove_adapters(module)
 
 
 # --- reading a file ------------------------------------------------------------------------------
@@ -358,6 +361,18 @@ def _activate(module: torch.nn.Module, weights: dict) -> None:
             layer.set_adapter(names, inference_mode=True)  # inference: adapter weights stay frozen
             for name in names:
                 layer.set_scale(name, weights[name])
+
+
+def _remove_adapters(module: torch.nn.Module) -> None:
+    """Every peft wrapper replaced by the layer it wraps, and the module's peft bookkeeping gone."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    if _tuner_layers(module):
+        recurse_remove_peft_layers(module)
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    if getattr(module, "_hf_peft_config_loaded", False):
+        module._hf_peft_config_loaded = False
 
 
 def _snapshot(module: torch.nn.Module) -> dict:

@@ -96,7 +96,8 @@ def reserve_output_path(directory: str | os.PathLike, filename_prefix: str, exte
             if folder:
                 path.mkdir()
             else:
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                # 0o666 like open(): the user's umask decides (os.open's default 0o777 made files executable)
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             return path
         except FileExistsError:
             number += 1

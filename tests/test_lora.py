@@ -6,6 +6,7 @@ W' = W + s · (α / r) · up · down, per layer, with ranks and alphas that diff
 """
 
 import copy
+import hashlib
 import os
 from types import SimpleNamespace
 
@@ -248,18 +249,32 @@ def test_two_different_loras_stack_by_adding_their_updates(base, files):
 def test_a_file_is_loaded_once_under_a_name_tied_to_its_content(base, files):
     specs = [add_lora(base.model, files.kohya, s).loras[0] for s in (0.3, 1.0)]
     assert specs[0].adapter_name == specs[1].adapter_name
-    for spec in specs:
-        with lora_scope(base.model.with_changes(loras=(spec,))):
-            pass
-    assert spec.adapter_name in base.model.unet.peft_config
-    loaded = set(base.model.unet.peft_config)
-    with lora_scope(add_lora(base.model, files.kohya, 0.1)):
-        pass
-    assert set(base.model.unet.peft_config) == loaded  # nothing loaded again
+    with lora_scope(base.model.with_changes(loras=tuple(specs))):
+        assert set(base.model.unet.peft_config) == {specs[0].adapter_name}  # stacked twice, loaded once
     stat = os.stat(files.other_path)
     before = adapter_name_for(files.other_path)
     os.utime(files.other_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # "edited" file
     assert adapter_name_for(files.other_path) != before
+
+
+def tensors_digest(module):
+    return {name: (tuple(t.shape), t.dtype, hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
+            for name, t in module.state_dict().items()}
+
+
+def test_a_scope_hands_the_shared_modules_back_exactly_as_it_found_them(base, files):
+    """A Load Model output is shared by every later graph (ComfyUI caches it): after a LoRA graph the
+    modules must be the plain ones again, or a ControlNet built from the UNet copies peft's keys."""
+    from diffusers import ControlNetModel
+
+    before = {part: tensors_digest(getattr(base.model, part)) for part in ("unet", "text_encoder")}
+    with lora_scope(add_lora(add_lora(base.model, files.kohya, 0.7), files.other_path, 0.4)):
+        assert any("lora_A" in k for k in base.model.unet.state_dict())
+    for part in ("unet", "text_encoder"):
+        module = getattr(base.model, part)
+        assert tensors_digest(module) == before[part]
+        assert not hasattr(module, "peft_config") and not getattr(module, "_hf_peft_config_loaded", False)
+    ControlNetModel.from_unet(base.model.unet)  # failed with "Error(s) in loading state_dict ... base_layer"
 
 
 # --- errors, before anything changes -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACK = Path(__file__).resolve().parents[1]
-CORE_TYPES = {"IMAGE", "MASK", "LATENT", "AUDIO", "STRING", "INT", "FLOAT", "BOOLEAN"}
+CORE_TYPES = {"IMAGE", "MASK", "LATENT", "AUDIO", "VIDEO", "MODEL", "CLIP", "VAE", "STRING", "INT", "FLOAT", "BOOLEAN"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 
