@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge
-from ..pipelines_core.control import ControlStack, ControlUnit, load_controlnet
+from ..pipelines_core.control import ControlStack, ControlUnit, load_controlnet, place
 from ..pipelines_core.hints import PREPROCESSORS, make_hints
 from ..pipelines_core.tiny import tiny_controlnet
 
@@ -29,7 +29,7 @@ def load_named_controlnet(name: str, model):
     if name == BUILTIN_TINY_CONTROLNET:
         if model.source != "builtin:tiny":
             raise ValueError("ControlNet Condition: the builtin:tiny ControlNet only fits the builtin:tiny model")
-        return tiny_controlnet(model.unet).to(model.device, model.dtype)
+        return place(tiny_controlnet(model.unet), model.device, model.dtype)
     return load_controlnet(resolve_controlnet(name), dtype=model.dtype, device=model.device)
 
 

@@ -12,8 +12,9 @@ from ..pipelines_core.temporal import guided_edit
 
 class VE_CrossFrameSampler:
     DESCRIPTION = (
-        "Edit (images connected: SDEdit with the given strength) or generate (no images: from noise) a clip, "
-        "holding frames together with cross-frame self-attention. Outputs the frames and their latents."
+        "Edit (images or a latent connected: SDEdit with the given strength; or an inversion) or generate (nothing "
+        "connected: from noise) a clip, holding frames together with cross-frame self-attention; a mask limits the "
+        "edit to a region. Outputs the frames and their latents."
     )
     CATEGORY = "video edit/sampling"
     RETURN_TYPES = ("IMAGE", "LATENT")
@@ -61,6 +62,14 @@ class VE_CrossFrameSampler:
                                                           "(FateZero, Plug-and-Play, TokenFlow, Pix2Video)."}),
                 "control": ("VE_CONTROL", {"tooltip": "ControlNet Condition(s)."}),
                 "temporal": ("VE_TEMPORAL", {"tooltip": "Temporal Guidance: flow-based fusion, smoother, motion."}),
+                # Socket-only inputs (no widget slot), so saved workflows' positional widget values still line up.
+                "latent": ("LATENT", {"tooltip": "Start from these latents instead of encoding images (ComfyUI "
+                                                 "convention, unscaled: e.g. this sampler's latent output), partly "
+                                                 "noised by strength; frame count and size come from them. Its "
+                                                 "noise_mask, if any, limits the edit like the mask input."}),
+                "mask": ("MASK", {"tooltip": "Where to edit: 1 = edit, 0 = keep the source (images, latent or "
+                                             "inversion). One mask per frame or one for all; any size, resized "
+                                             "to the latent grid; soft values blend."}),
                 "frame_count": ("INT", {"default": 8, "min": 1, "max": 4096,
                                         "tooltip": "Frames to generate when neither images nor a ControlNet "
                                                    "(whose hints give count and size) are connected."}),
@@ -73,23 +82,22 @@ class VE_CrossFrameSampler:
 
     def sample(self, model, prompt, negative_prompt, seed, steps, cfg, scheduler, strength, noise, attention,
                attention_layers, chunk_size, images=None, inversion=None, injection=None, control=None, temporal=None,
-               frame_count=8, width=512, height=512):
+               latent=None, mask=None, frame_count=8, width=512, height=512):
         settings = SamplerSettings(
             prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
             strength=strength, noise=noise, attention=attention, attention_layers=attention_layers,
             chunk_size=chunk_size,
         )
-        if images is None and (width % 8 or height % 8):
+        generating = images is None and latent is None and inversion is None and injection is None
+        if generating and (width % 8 or height % 8):
             raise ValueError(f"Cross-Frame Sampler: size {width}x{height} must be a multiple of 8")
-        if inversion is not None and images is not None:
-            raise ValueError("Cross-Frame Sampler: connect either images (SDEdit) or an inversion, not both")
-        if images is None and inversion is None and control is not None and len(control):
+        if generating and control is not None and len(control):
             # Generating under ControlNet: the hints fix the frame count and size.
             frame_count, (height, width) = control.units[0].frame_count, control.units[0].size
         latents = guided_edit(
             model, settings, temporal, images=images, frame_count=frame_count, size=(height, width),
             progress=comfy_bridge.progress("Cross-Frame Sampler"), control=control, inversion=inversion,
-            injection=injection,
+            injection=injection, latent=latent, mask=mask,
         )
         frames = decode_latents(model, latents, progress=comfy_bridge.progress("VAE decode"))
         return (frames, {"samples": (latents / model.vae_scale).float().cpu()})

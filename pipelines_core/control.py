@@ -269,8 +269,14 @@ def _finish(model: torch.nn.Module, source: str, dtype: torch.dtype, device: tor
     missing = tuple(n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta)
     if missing:
         raise _mismatch(source, missing)
+    return place(model, device, dtype)
+
+
+def place(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` on `device` in `dtype`, ready for inference. A dtype is named to `.to()` only when it
+    changes: diffusers warns "modules ... should be kept in float32: []" on every call that names one."""
     model = model.to(device=device)
-    if model.dtype != dtype:  # naming a dtype in .to() makes diffusers warn even when nothing is cast
+    if model.dtype != dtype:
         model = model.to(dtype=dtype)
     return model.eval().requires_grad_(False)
 

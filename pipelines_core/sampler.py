@@ -27,6 +27,7 @@ from .models import VEModel, encode_frames, encode_prompt
 from .progress import Progress, or_silent
 from .hooks import Hooks, StepState, fold  # noqa: F401  (StepState: part of the sampler's API)
 from .injection import InjectionPlan, PlanContext
+from .masking import edit_mask, inverted_source, masked_blend_hook, noised_source
 from .schedulers import SCHEDULERS, eps_from_x0, make_scheduler, predicted_x0
 
 NOISE_MODES = ("per_frame", "shared")
@@ -41,7 +42,7 @@ class SamplerSettings:
     steps: int = 20
     cfg: float = 7.5
     scheduler: str = "ddim"
-    strength: float = 0.6  # used when starting from images (SDEdit): fraction of the schedule re-run
+    strength: float = 0.6  # used when starting from images or a latent (SDEdit): fraction of the schedule re-run
     noise: str = "per_frame"  # "per_frame": frame f uses seed + f; "shared": every frame the same noise
     attention: str = "first+previous"
     attention_layers: str = "all"  # "all" self-attention layers, or only the "decoder" (up blocks; Rerender)
@@ -224,6 +225,43 @@ def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
 
 # --- the recipe ---------------------------------------------------------------------------------
 
+def check_one_start(images=None, latent=None, inversion=None, injection=None) -> None:
+    """A run starts from one thing; two connected starts would silently drop one, so refuse them."""
+    if images is not None and inversion is not None:
+        raise ValueError("connect either images (SDEdit) or an inversion, not both")
+    if latent is not None and images is not None:
+        raise ValueError("connect either images or a latent as the start, not both "
+                         "(the latent replaces encoding images)")
+    if latent is not None and (inversion is not None or injection is not None):
+        raise ValueError("connect either a latent or an inversion (an injection brings its inversion) "
+                         "as the start, not both")
+
+
+def latent_samples(latent, channels: Optional[int] = None) -> torch.Tensor:
+    """The UNSCALED samples (F, C, h, w) of a ComfyUI LATENT, checked; `channels`: the UNet's input channels
+    (None: the layout only, for callers that have no model)."""
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise ValueError("latent must be a ComfyUI LATENT: a dict with a 'samples' tensor "
+                         "(frames, 4, height/8, width/8)")
+    samples = latent["samples"]
+    image_layout = samples.ndim == 4 and min(samples.shape) >= 1  # a video model's (B, C, T, h, w) is not ours
+    if not image_layout or (channels is not None and samples.shape[1] != channels):
+        raise ValueError(f"latent samples must be (frames, {channels or 4}, height/8, width/8) for this model, "
+                         f"got {tuple(samples.shape)}")
+    return samples
+
+
+def skip_posterior_draws(generators: Sequence[torch.Generator], shape: tuple, model: VEModel) -> None:
+    """Advance each frame's generator past the VAE posterior sample `encode_frames` draws for images, so a
+    latent start then draws the very noise an images start would: the LATENT of the posterior sample the
+    images path would have drawn gives the same edit."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    posterior_shape = (1, model.vae.config.latent_channels) + tuple(shape[-2:])
+    for g in generators:  # the shape, device and dtype of encode_frames' draw (the VAE's), so the same stream
+        randn_tensor(posterior_shape, generator=g, device=model.device, dtype=model.vae.dtype)
+
+
 def check_frames(frames: torch.Tensor) -> None:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"images must be a ComfyUI IMAGE batch (frames, height, width, 3), got {tuple(frames.shape)}")
@@ -252,29 +290,44 @@ def sample_video(
     inversion=None,
     injection=None,
     motion: Optional[tuple] = None,
+    latent: Optional[dict] = None,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sample a video's latents (F, 4, H/8, W/8), scaled as diffusers' latents are.
 
-    Starts from, in this order of precedence:
+    Starts from one of:
       * an `inversion` (DDIM Invert; also the one an `injection` reads): from the inverted latent at the
         first timestep `settings.strength` selects (1.0 = from x_T);
       * `images` (ComfyUI IMAGE) partly noised by `settings.strength` (SDEdit);
+      * `latent` (ComfyUI LATENT, unscaled, as this sampler outputs it): SDEdit from its samples in place of
+        encoded images, with the same noise; frame count and size come from it;
       * noise, for `frame_count` frames of `size` (height, width); with `motion` = (strength_x, strength_y)
         Text2Video-Zero's motion dynamics: frame 0 denoised part way, translated for every later frame.
+    `mask` (ComfyUI MASK, 1 = edit) and the latent's "noise_mask" keep the source outside the mask
+    (`masking.py`); they need a source to keep (images, latent or inversion).
     """
     # 1. Check inputs
+    check_one_start(images, latent, inversion, injection)
     if inversion is None and injection is not None:
         inversion = injection.inversion
-    frame_count, size = clip_extent(images, inversion, frame_count, size)
+    start_samples = latent_samples(latent, model.unet.config.in_channels) if latent is not None else None
+    frame_count, size = clip_extent(images, inversion, frame_count, size, latent)
     if inversion is not None:
         _check_inversion_settings(settings, inversion)
     elif images is not None:
         check_frames(images)
-    if motion is not None and (inversion is not None or images is not None):
-        raise ValueError("motion dynamics starts from noise: disconnect the images (or the inversion) or turn motion off")
-    if inversion is None and images is None and (frame_count is None or size is None):
+    has_source = inversion is not None or images is not None or latent is not None
+    if motion is not None and has_source:
+        raise ValueError("motion dynamics starts from noise: disconnect the images (or the latent or the inversion) "
+                         "or turn motion off")
+    if not has_source and (frame_count is None or size is None):
         raise ValueError("give images to edit, or a frame count and size to generate from noise")
-    settings.check(frame_count, from_images=inversion is not None or images is not None)
+    settings.check(frame_count, from_images=has_source)
+    noise_mask = latent.get("noise_mask") if latent is not None else None
+    if (mask is not None or noise_mask is not None) and not has_source:
+        raise ValueError("a mask keeps part of a source, but the sampler is generating from noise: connect images, "
+                         "a latent or an inversion, or disconnect the mask")
+    keep_mask = edit_mask(mask, noise_mask, frame_count, (size[0] // 8, size[1] // 8))
     if control is not None:
         control.check(frame_count, size)
     device, dtype = model.device, model.dtype
@@ -295,14 +348,25 @@ def sample_video(
         latents = inversion.latents[int(timesteps[0])].to(device, dtype)
         if inversion.null_embeds:
             uncond = inversion.null_embeds  # per-step unconditional embeddings that reproduce the source
-    elif images is not None:
+    elif images is not None or latent is not None:
         timesteps = img2img_timesteps(scheduler, settings.steps, settings.strength)
-        clean = encode_frames(model, images, generators)
+        if images is not None:
+            clean = encode_frames(model, images, generators)
+        else:
+            clean = start_samples.to(device, dtype) * model.vae_scale  # ComfyUI latents are unscaled
+            skip_posterior_draws(generators, latent_shape, model)
         noise = initial_noise(latent_shape, settings, generators, device, dtype)
         latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(frame_count))
     else:
         timesteps = scheduler.timesteps
         latents = initial_noise(latent_shape, settings, generators, device, dtype) * scheduler.init_noise_sigma
+    keep_hooks = Hooks()
+    if keep_mask is not None:
+        # The source at the level each step moves to: what the inversion recorded, else the clean latent noised
+        # with this run's own noise (inpaint pipeline's init_latents_proper).
+        source_at = (inverted_source(inversion.latents, timesteps) if inversion is not None
+                     else noised_source(scheduler, clean, noise, timesteps))
+        keep_hooks = Hooks(after_step=[masked_blend_hook(keep_mask, source_at)])
 
     # 4. Plan the injection, attach attention processors (UNet, and ControlNets when asked), sample
     plan = InjectionPlan()
@@ -334,7 +398,8 @@ def sample_video(
         stack.enter_context(plan.patches(model.unet))
         if motion is not None:
             latents, timesteps = _motion_start(denoiser, scheduler, settings, latents, motion)
-        return denoise_loop(denoiser, latents, scheduler, settings.scheduler, timesteps, hooks + plan.hooks, progress)
+        return denoise_loop(denoiser, latents, scheduler, settings.scheduler, timesteps,
+                            hooks + plan.hooks + keep_hooks, progress)  # the blend last: nothing moves the kept region
 
 
 def _motion_start(denoiser: VideoDenoiser, scheduler, settings: SamplerSettings, noise: torch.Tensor, motion: tuple):
@@ -351,12 +416,16 @@ def _motion_start(denoiser: VideoDenoiser, scheduler, settings: SamplerSettings,
                                  generator=generator, shared_noise=settings.noise == "shared")
 
 
-def clip_extent(images=None, inversion=None, frame_count=None, size=None) -> tuple:
-    """(frame count, (height, width)) of what will be sampled: the inversion's, else the images', else as given."""
+def clip_extent(images=None, inversion=None, frame_count=None, size=None, latent=None) -> tuple:
+    """(frame count, (height, width)) of what will be sampled: the inversion's, else the images', else the
+    latent's (a ComfyUI LATENT), else as given."""
     if inversion is not None:
         return inversion.latents[0].shape[0], tuple(8 * d for d in inversion.latents[0].shape[-2:])
     if images is not None:
         return images.shape[0], tuple(images.shape[1:3])
+    if latent is not None:
+        samples = latent_samples(latent)
+        return samples.shape[0], tuple(8 * d for d in samples.shape[-2:])
     return frame_count, size
 
 

@@ -84,11 +84,12 @@ def guidance_hooks(model: VEModel, settings: SamplerSettings, guidance: Temporal
 def guided_edit(model: VEModel, settings: SamplerSettings, guidance: Optional[TemporalGuidance] = None,
                 images: Optional[torch.Tensor] = None, frame_count: Optional[int] = None, size: Optional[tuple] = None,
                 progress=None, **sampler_inputs) -> torch.Tensor:
-    """`edit_video` with temporal guidance: one pass, plus Rerender's pixel-fusion pass when asked."""
+    """`edit_video` with temporal guidance: one pass, plus Rerender's pixel-fusion pass when asked.
+    `sampler_inputs` go to both passes (control, inversion, injection, latent, mask)."""
     if guidance is None:
         return edit_video(model, settings, images, frame_count, size, progress=progress, **sampler_inputs)
     inversion = sampler_inputs.get("inversion") or getattr(sampler_inputs.get("injection"), "inversion", None)
-    guidance.check(*clip_extent(images, inversion, frame_count, size))
+    guidance.check(*clip_extent(images, inversion, frame_count, size, sampler_inputs.get("latent")))
     hooks = guidance_hooks(model, settings, guidance)
     motion = motion_strengths(guidance.flow) if guidance.motion else None
     latents = edit_video(model, settings, images, frame_count, size, hooks=hooks, progress=progress, motion=motion,

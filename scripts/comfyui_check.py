@@ -45,6 +45,9 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parent.parent
 PACK_PACKAGE = "comfyui_video_edit"
 LINK_NAME = "comfyui_video_edit"
+DEMO = "sdedit_crossframe"
+# --quick: fewer frames and steps (the graphs themselves unchanged), for a first look in minutes.
+QUICK = {"VE_LoadVideo": {"frame_cap": 6}, "VE_CrossFrameSampler": {"steps": 6}, "VE_DDIMInvert": {"steps": 6}}
 
 # Imports the pack from its folder the way ComfyUI does (a package named after nothing installed), then
 # runs its headless command line: the reference each ComfyUI run is compared with.
@@ -337,16 +340,19 @@ async def check(args: argparse.Namespace) -> list[Row]:
         for path in workflows:
             ui = json.loads(path.read_text())
             prompt = convert.ui_to_api(ui, object_info)
-            prompts[path] = (ui, prompt)
+            quick_sets = [s for cls, values in (QUICK.items() if args.quick else ())
+                          for name, value in values.items() for s in _set_input(prompt, cls, name, value)]
+            prompts[path] = (ui, prompt, quick_sets)
             row = Row(path.stem)
             await run_prompt(server, prompt, ui, row, args.timeout)
             if args.compare:
-                compare_with_headless(args.python, path, row, work, [])
+                compare_with_headless(args.python, path, row, work, quick_sets)
             rows.append(row)
             print(format_row(row), flush=True)
         if workflows:
-            first = workflows[0]
-            ui, prompt = prompts[first]
+            # The README's demo (or the first workflow) for the cache and Cancel checks.
+            first = next((w for w in workflows if w.stem == DEMO), workflows[0])
+            ui, prompt, quick_sets = prompts[first]
             cached = Row(f"{first.stem} again (cache)")
             await run_prompt(server, prompt, ui, cached, args.timeout)
             if cached.status == "ok" and (cached.files or cached.cached_nodes != len(prompt)):
@@ -369,7 +375,7 @@ async def check(args: argparse.Namespace) -> list[Row]:
             rerun = Row(f"{first.stem} seed 1234, after Cancel")
             await run_prompt(server, changed, ui, rerun, args.timeout)
             if args.compare:
-                compare_with_headless(args.python, first, rerun, work, sets)
+                compare_with_headless(args.python, first, rerun, work, quick_sets + sets)
             rows.append(rerun)
             print(format_row(rerun), flush=True)
     finally:
@@ -407,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=180, help="seconds ComfyUI may take to start")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="skip the comparison of each output with a headless run")
+    parser.add_argument("--quick", action="store_true", help="6 frames and 6 steps per workflow (see QUICK)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (outputs, ComfyUI's log)")
     args = parser.parse_args(argv)
     rows = asyncio.run(check(args))
