@@ -1,11 +1,11 @@
-"""Load Video: a clip as ComfyUI IMAGE frames, its facts, and its audio."""
+"""Load Video: a clip (a file, a folder of images, or a VIDEO) as ComfyUI IMAGE frames, its facts, and its audio."""
 
 from __future__ import annotations
 
 import os
 
-from . import comfy_bridge
-from ..pipelines_core.video_io import load_video
+from . import comfy_bridge, comfy_video
+from ..pipelines_core.video_io import folder_fingerprint, image_sequence, is_image_folder, load_video
 
 ASSETS = comfy_bridge.ASSETS
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif", ".m4v", ".webp")
@@ -16,14 +16,19 @@ def bundled_videos() -> list[str]:
 
 
 def input_videos() -> list[str]:
+    """Videos in ComfyUI's input folder, and its subfolders that hold frames (listed as 'name/'): the canvas
+    can only pick what the list offers."""
     folder = comfy_bridge.input_directory()
     if not folder or not os.path.isdir(folder):
         return []
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(VIDEO_EXTENSIONS))
+    names = os.listdir(folder)
+    files = sorted(f for f in names if f.lower().endswith(VIDEO_EXTENSIONS))
+    folders = sorted(f + "/" for f in names if is_image_folder(os.path.join(folder, f)))
+    return files + folders
 
 
 def resolve_video(name: str) -> str:
-    """A path as given, a file in ComfyUI's input folder, or a clip bundled with the pack."""
+    """A path as given, a file or image folder in ComfyUI's input folder, or a clip bundled with the pack."""
     if not name:
         raise ValueError("Load Video: no video chosen; pick a file or give a path")
     candidates = [os.path.expanduser(name)]
@@ -32,14 +37,24 @@ def resolve_video(name: str) -> str:
         candidates.append(os.path.join(folder, name))
     candidates.append(os.path.join(ASSETS, name))
     for path in candidates:
-        if os.path.isfile(path):
+        if os.path.isfile(path) or os.path.isdir(path):  # a folder is an image sequence; load_video checks it
             return path
-    raise FileNotFoundError(f"Load Video: video {name!r} not found; give an existing path or upload the file")
+    raise FileNotFoundError(f"Load Video: video {name!r} not found; give an existing file or image folder, "
+                            "or upload the file")
+
+
+def fingerprint(path: str) -> str:
+    """Changes when the file changes or, for an image folder, when a frame is added, removed or rewritten."""
+    return folder_fingerprint(path) if os.path.isdir(path) else comfy_bridge.file_fingerprint(path)
+
+
+_UNLINKED = object()  # ComfyUI passes a linked input to VALIDATE_INPUTS as None, and leaves an unlinked one out
 
 
 class VE_LoadVideo:
     DESCRIPTION = (
-        "Load a video as frames (IMAGE), its facts (fps, size, count) and its audio. "
+        "Load a video as frames (IMAGE), its facts (fps, size, count) and its audio: a video file, a folder of "
+        "images (one per frame, in natural name order), or a VIDEO from another node. "
         "Frames are resized to a multiple of 8 so a diffusion model can take them."
     )
     CATEGORY = "video edit/io"
@@ -56,7 +71,9 @@ class VE_LoadVideo:
             "required": {
                 "video": (bundled_videos() + input_videos(), {
                     "video_upload": True,
-                    "tooltip": "A video from ComfyUI's input folder, a clip bundled with the pack, or a file path.",
+                    "tooltip": "A video from ComfyUI's input folder, a clip bundled with the pack, a file path, or "
+                               "a folder of images (png, jpg, webp, bmp, tif, exr; one per frame, in natural name "
+                               "order). Ignored while the video_input socket is connected.",
                 }),
                 "frame_cap": ("INT", {"default": 16, "min": 0, "max": 100000,
                                       "tooltip": "Keep at most this many frames (0 = all)."}),
@@ -74,29 +91,49 @@ class VE_LoadVideo:
                                               "tooltip": "Round the size down to a multiple of this (8 for SD; 64 for some models)."}),
                 "fit": (["crop", "pad"], {"default": "crop",
                                           "tooltip": "Keep aspect by centre-cropping to the size, or by padding with black."}),
-            }
+            },
+            # New inputs go last, and as sockets: saved workflows store widget values by position, and the upload
+            # button's value is stored after every other widget, so a new widget would take that value.
+            "optional": {
+                "video_input": ("VIDEO", {
+                    "tooltip": "A VIDEO (core Load Video, Create Video, or Video Encode's video output). When "
+                               "connected it is loaded instead of the video chosen above, with its own fps and audio.",
+                }),
+                "fps": ("FLOAT", {
+                    "default": 24.0, "min": 0.01, "max": 240.0, "step": 0.01, "forceInput": True,
+                    "tooltip": "Frame rate of an image folder, which has none of its own (default 24). "
+                               "Video files and VIDEO inputs keep their own rate.",
+                }),
+            },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, video):
-        # Paths and bundled clips are valid too, not only the listed input files.
+    def VALIDATE_INPUTS(cls, video, video_input=_UNLINKED):
+        if video_input is not _UNLINKED:
+            return True  # a connected VIDEO replaces the chosen file, which may then be anything
+        # Paths, image folders and bundled clips are valid too, not only the listed input files.
         try:
-            resolve_video(video)
-        except (FileNotFoundError, ValueError) as e:
+            path = resolve_video(video)
+            if os.path.isdir(path):
+                image_sequence(path)  # a folder must hold frames
+        except (OSError, ValueError) as e:
             return str(e)
         return True
 
     @classmethod
     def IS_CHANGED(cls, video, **_):
+        # A connected VIDEO needs nothing here: ComfyUI's cache key already covers what is upstream.
         try:
-            return comfy_bridge.file_fingerprint(resolve_video(video))
-        except (FileNotFoundError, ValueError):
+            return fingerprint(resolve_video(video))
+        except (OSError, ValueError):  # not there (any more): validation reports it
             return ""
 
-    def load(self, video, frame_cap, skip_first, every_nth, target_fps, width, height, multiple_of, fit):
+    def load(self, video, frame_cap, skip_first, every_nth, target_fps, width, height, multiple_of, fit,
+             video_input=None, fps=24.0):
+        source = comfy_video.video_source(video_input) if video_input is not None else resolve_video(video)
         frames, info, audio = load_video(
-            resolve_video(video), frame_cap=frame_cap, skip_first=skip_first, every_nth=every_nth,
+            source, frame_cap=frame_cap, skip_first=skip_first, every_nth=every_nth,
             target_fps=target_fps, width=width, height=height, multiple_of=int(multiple_of), fit=fit,
-            progress=comfy_bridge.progress("Load Video"),
+            progress=comfy_bridge.progress("Load Video"), fps=fps,
         )
         return (frames, info, audio)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from . import comfy_bridge
+from . import comfy_bridge, comfy_video
 from ..pipelines_core.video_encode import encode_video, format_spec, list_formats
 
 
@@ -14,9 +14,13 @@ class VE_VideoEncode:
         "Never overwrites: each run gets the next numbered file."
     )
     CATEGORY = "video edit/io"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    OUTPUT_TOOLTIPS = ("Full path of the file (or folder, for image sequences) written.",)
+    # VIDEO is appended last: links in saved workflows name outputs by slot number.
+    RETURN_TYPES = ("STRING", "VIDEO")
+    RETURN_NAMES = ("path", "video")
+    OUTPUT_TOOLTIPS = ("Full path of the file (or folder, for image sequences) written.",
+                       "The video written, with its fps and audio, as ComfyUI's VIDEO: for core Save Video / Get "
+                       "Video Components or this pack's Load Video. PNG sequences and animated WebP, which FFmpeg "
+                       "cannot read back, pass their frames instead of the file.")
     FUNCTION = "encode"
     OUTPUT_NODE = True
 
@@ -51,7 +55,11 @@ class VE_VideoEncode:
         rel = os.path.relpath(path, root)
         subfolder, filename = os.path.split(rel)
         preview = {"filename": filename, "subfolder": subfolder, "type": "output"}
-        if format_spec(format).get("image_sequence"):
+        spec = format_spec(format)
+        if spec.get("image_sequence"):
             first = sorted(os.listdir(path))[0]
             preview = {"filename": first, "subfolder": rel, "type": "output"}
-        return {"ui": {"images": [preview], "animated": (True,)}, "result": (path,)}
+        # The VIDEO holds what was written; a PNG sequence (stills, no audio track) keeps the audio beside its frames.
+        keep_audio = spec["audio_codec"] is not None or spec["image_sequence"]
+        video = comfy_video.encoded_video(path, frames, fps, audio if keep_audio else None, spec["image_sequence"])
+        return {"ui": {"images": [preview], "animated": (True,)}, "result": (path, video)}

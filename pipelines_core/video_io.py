@@ -1,15 +1,20 @@
-"""Load a video as IMAGE frames (+ AUDIO) with PyAV; encoding lives in ``video_encode``.
+"""Load a video as IMAGE frames (+ AUDIO); encoding lives in ``video_encode``.
 
-Frames are decoded as a stream and only the selected ones are kept, so a long clip with a frame cap or
-a low target fps never sits in memory whole.
+Sources: a video file or a binary stream (PyAV; Pillow for animated WebP), a folder of images (one per frame,
+natural name order, at a frame rate you give), or a clip already in memory (``Clip``). Frames are pulled one at
+a time and only the selected ones are turned into pixels, so a long clip with a frame cap or a low target fps
+never sits in memory whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -21,8 +26,9 @@ from PIL import Image, ImageSequence
 
 from .video_encode import encode_video, format_spec, list_formats
 
-__all__ = ["load_video", "encode_video", "list_formats", "format_spec", "select_frames",
-           "resample_copies", "output_size"]
+__all__ = ["load_video", "Clip", "encode_video", "list_formats", "format_spec", "select_frames",
+           "resample_copies", "output_size", "IMAGE_EXTENSIONS", "image_files", "image_sequence", "is_image_folder",
+           "folder_fingerprint", "read_image", "natural_key", "ffmpeg_reads"]
 
 T = TypeVar("T")
 HALF = Fraction(1, 2)
@@ -107,29 +113,63 @@ def fit_frame(rgb: np.ndarray, scaled: tuple[int, int], out: tuple[int, int], fi
     return cv2.copyMakeBorder(rgb, top, out_h - h - top, left, out_w - w - left, cv2.BORDER_CONSTANT, value=0)
 
 
-# ---- sources: PyAV, and Pillow for animated WebP (FFmpeg's WebP decoder reads stills only) -------------
+# ---- sources -------------------------------------------------------------------------------------------
+# Every source yields (read, time) pairs: `read()` gives the frame's pixels (RGB; uint8, or float32 in 0..1 for
+# 16-bit and float images) and is called only for frames the selection keeps, before the next pair is pulled.
+# So a skipped frame is never converted (video) or never even read from disk (image folder).
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".exr")
+_EXTENSION_LIST = ", ".join(e[1:] for e in IMAGE_EXTENSIONS)
+_DIGITS = re.compile(r"(\d+)")
+# The pixel formats FFmpeg's EXR decoder gives for half/float data, read as they are (no swscale conversion,
+# which is not exact for float formats).
+_EXR_FLOAT_FORMATS = ("gbrpf32", "gbrapf32", "grayf32")
+
+
+@dataclass
+class Clip:
+    """A clip already in memory: IMAGE frames (F, H, W, 3) in 0..1, its frame rate and its AUDIO (or None).
+
+    For sources that are tensors rather than files (ComfyUI's VideoFromComponents): loading one applies the same
+    selection, sizing and audio trimming as a file, with no encode/decode round trip.
+    """
+
+    images: torch.Tensor
+    fps: float | Fraction
+    audio: dict | None = None
+
 
 @dataclass
 class _Source:
+    name: str  # for messages
+    path: str | None  # for the info dict; None for a stream or a clip in memory
     fps: Fraction
     width: int
     height: int
     frame_count: int | None  # from the header; None when the container does not say
     estimated_count: int | None  # header count, else duration x fps (for progress totals)
-    frames: Iterator[tuple[np.ndarray, float]]  # (RGB uint8, time in seconds)
+    frames: Iterator[tuple[Callable[[], np.ndarray], float]]  # (read pixels, time in seconds)
     close: Callable[[], None]
+    audio: Callable[[float, float], dict | None]  # (start, end) seconds -> AUDIO, or None if the source has none
 
 
-def _unreadable(path: Path, err: Exception) -> ValueError:
-    return ValueError(f"Cannot read {path.name} as a video ({err}): choose a video file such as .mp4, .webm or .mkv.")
+def _unreadable(name: str, err: Exception) -> ValueError:
+    return ValueError(f"Cannot read {name} as a video ({err}): choose a video file such as .mp4, .webm or .mkv.")
 
 
-def _pyav_frames(container, stream, fps: Fraction, path: Path) -> Iterator[tuple[np.ndarray, float]]:
+def _rewind(media) -> None:
+    """A stream is read more than once (video, then audio): each reader starts at its beginning."""
+    if hasattr(media, "seek"):
+        media.seek(0)
+
+
+def _pyav_frames(container, stream, fps: Fraction, name: str) -> Iterator[tuple[Callable[[], np.ndarray], float]]:
     try:
         for i, frame in enumerate(container.decode(stream)):
-            yield frame.to_ndarray(format="rgb24"), frame.time if frame.time is not None else float(i / fps)
+            time = frame.time if frame.time is not None else float(i / fps)
+            yield partial(frame.to_ndarray, format="rgb24"), time
     except av.FFmpegError as err:
-        raise _unreadable(path, err) from None
+        raise _unreadable(name, err) from None
 
 
 def _pyav_rate(container, stream) -> Fraction:
@@ -144,11 +184,12 @@ def _frame_ms(frame: Image.Image) -> float:
     return frame.info.get("duration", 0)
 
 
-def _pillow_source(path: Path) -> _Source:
+def _pillow_source(media, name: str, path: str | None) -> _Source:
+    """Animated WebP: FFmpeg's WebP decoder reads stills only."""
     try:
-        image = Image.open(path)
+        image = Image.open(media)
     except (OSError, ValueError) as err:
-        raise _unreadable(path, err) from None
+        raise _unreadable(name, err) from None
     durations = [_frame_ms(frame) for frame in ImageSequence.Iterator(image)]
     mean_ms = sum(durations) / len(durations)
     fps = Fraction(1000 / mean_ms).limit_denominator(1001) if mean_ms > 0 else Fraction(24)
@@ -156,33 +197,212 @@ def _pillow_source(path: Path) -> _Source:
     def frames():
         start = 0.0
         for frame, ms in zip(ImageSequence.Iterator(image), durations):
-            yield np.array(frame.convert("RGB")), start
+            # The iterator moves one Image through the frames: read() runs before it moves on (see above).
+            yield (lambda frame=frame: np.array(frame.convert("RGB"))), start
             start += ms / 1000
 
-    return _Source(fps, image.width, image.height, len(durations), len(durations), frames(), image.close)
+    return _Source(name, path, fps, image.width, image.height, len(durations), len(durations), frames(),
+                   image.close, lambda start, end: None)
 
 
-def _open_source(path: Path) -> _Source:
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder: choose a video file inside it.")
-    if not path.is_file():
-        raise FileNotFoundError(f"Video file not found: {path}. Check the path or upload the file.")
+def _media_source(media, name: str, path: str | None) -> _Source:
+    """A video file (a path) or a binary stream (e.g. the BytesIO behind ComfyUI's VideoFromFile), with PyAV."""
+    _rewind(media)
     try:
-        container = av.open(str(path))
+        container = av.open(media)
     except av.FFmpegError as err:
-        raise _unreadable(path, err) from None
+        raise _unreadable(name, err) from None
     if container.format.name == "webp_pipe":
         container.close()
-        return _pillow_source(path)
+        _rewind(media)
+        return _pillow_source(media, name, path)
     if not container.streams.video:
         container.close()
-        raise ValueError(f"{path.name} has no video stream: choose a file with video in it.")
+        raise ValueError(f"{name} has no video stream: choose a file with video in it.")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     fps = _pyav_rate(container, stream)
     estimate = stream.frames or (round(container.duration / av.time_base * fps) if container.duration else None)
-    return _Source(fps, stream.width, stream.height, stream.frames or None, estimate,
-                   _pyav_frames(container, stream, fps, path), container.close)
+    return _Source(name, path, fps, stream.width, stream.height, stream.frames or None, estimate,
+                   _pyav_frames(container, stream, fps, name), container.close,
+                   lambda start, end: load_audio(media, start, end))
+
+
+# ---- image folders -------------------------------------------------------------------------------------
+
+def natural_key(name: str) -> tuple[list, str]:
+    """Sort key putting numbers in number order: frame_2 before frame_10 (the name itself breaks ties)."""
+    parts = _DIGITS.split(name.casefold())  # text, digits, text, ...: the same kinds line up when compared
+    return [int(p) if i % 2 else p for i, p in enumerate(parts)], name
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The frames of an image-sequence folder: its image files, in natural order.
+
+    Hidden files are left out: macOS writes '._frame_0001.png' companions beside the real frames on shared drives.
+    """
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if not e.name.startswith(".")
+                 and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and e.is_file()]
+    return [Path(folder, n) for n in sorted(names, key=natural_key)]
+
+
+def image_sequence(folder: str | os.PathLike) -> list[Path]:
+    """``image_files``, or a ValueError saying the folder holds no images."""
+    files = image_files(folder)
+    if not files:
+        raise ValueError(f"{folder} is a folder that holds no images ({_EXTENSION_LIST}): choose a folder of "
+                         "frames (frame_0001.png, ...) or a video file.")
+    return files
+
+
+def is_image_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding at least one frame (stops at the first)."""
+    if not os.path.isdir(path):
+        return False
+    with os.scandir(path) as entries:
+        return any(not e.name.startswith(".") and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and e.is_file()
+                   for e in entries)
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """Changes when a frame is added to, removed from, renamed in or rewritten in an image-sequence folder.
+
+    Each file's size and modification time, not the folder's own: rewriting a file in place leaves the folder's
+    modification time as it was.
+    """
+    digest = hashlib.sha1()
+    for file in image_files(folder):
+        stat = file.stat()
+        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"{os.path.abspath(folder)}:{digest.hexdigest()}"
+
+
+def _pixels(image: np.ndarray, file: Path) -> np.ndarray:
+    """uint8 stays uint8 (4x smaller than float); 16-bit and float samples become float32 in 0..1."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535
+    if image.dtype.kind == "f":
+        # HDR values above 1 (EXR) are clipped: IMAGE is 0..1. NaN/inf, which renderers do write, count as 0/1.
+        return np.clip(np.nan_to_num(image.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0), 0, 1)
+    raise ValueError(f"{file.name} has {image.dtype} samples: save it with 8- or 16-bit integer or float samples.")
+
+
+def _read_exr(file: Path) -> np.ndarray:
+    """EXR through PyAV. OpenCV reads EXR only when built with OpenEXR and OPENCV_IO_ENABLE_OPENEXR=1 is set before
+    its first EXR read; the opencv-python(-headless) 5.0 wheels are built without it ('OpenEXR: NO' in
+    cv2.getBuildInformation()), so no setting helps there. FFmpeg's own EXR decoder is in every PyAV wheel."""
+    try:
+        with av.open(str(file)) as container:
+            frame = next(container.decode(video=0))
+    except (av.FFmpegError, StopIteration, IndexError, ValueError) as err:
+        fix = ("re-export it as a single-part scanline or tiled EXR, or as a 16-bit PNG or TIFF"
+               if "exr" in av.codecs_available else
+               "install a PyAV build whose FFmpeg has the EXR decoder (`pip install av`, the wheels have it)")
+        raise ValueError(f"Cannot read {file.name} as an EXR image ({err}): {fix}.") from None
+    if frame.format.name.startswith(_EXR_FLOAT_FORMATS):
+        image = frame.to_ndarray()  # (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA, float32
+    else:  # integer (UINT) channels
+        image = frame.to_ndarray(format="rgb48le")
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    return image[..., :3]
+
+
+def read_image(file: str | os.PathLike) -> np.ndarray:
+    """One image file as RGB (H, W, 3): uint8 for 8-bit files, float32 in 0..1 for 16-bit and float ones.
+
+    Alpha is dropped, as Video Encode drops it: IMAGE has three channels.
+    """
+    file = Path(file)
+    if file.suffix.lower() == ".exr":
+        return _pixels(_read_exr(file), file)
+    try:
+        data = np.fromfile(file, np.uint8)  # decoded from memory: cv2.imread cannot open non-ASCII paths on Windows
+    except OSError as err:
+        raise ValueError(f"Cannot read {file.name} ({err.strerror}): check that the file is readable.") from None
+    # ANYDEPTH keeps 16-bit and float samples; ANYCOLOR gives gray, or BGR without alpha.
+    image = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
+    if image is None:
+        raise ValueError(f"Cannot read {file.name} as an image: it is damaged or not really "
+                         f"{file.suffix.lower()[1:]}; re-export it or move it out of {file.parent.name}.")
+    image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
+    return _pixels(image, file)
+
+
+def _folder_source(folder: Path, fps: float) -> _Source:
+    """A folder of images, one per frame, in natural name order, at ``fps`` (images carry no rate)."""
+    if not fps or fps <= 0:
+        raise ValueError(f"fps must be > 0 for an image folder, got {fps}: give the sequence's frame rate (e.g. 24).")
+    files = image_sequence(folder)
+    first = read_image(files[0])  # gives the size; kept, so the first frame is not read twice
+    height, width = first.shape[:2]
+    rate = Fraction(fps).limit_denominator(1001)
+
+    def read(i: int) -> np.ndarray:
+        image = first if i == 0 else read_image(files[i])
+        if image.shape[:2] != (height, width):
+            h, w = image.shape[:2]
+            raise ValueError(f"{files[i].name} is {w}x{h} but {files[0].name} is {width}x{height}: every image in "
+                             f"{folder.name} must have the same size; resize it or move it out.")
+        return image
+
+    frames = ((partial(read, i), float(i / rate)) for i in range(len(files)))
+    return _Source(folder.name, str(folder), rate, width, height, len(files), len(files), frames,
+                   lambda: None, lambda start, end: None)
+
+
+# ---- a clip in memory ----------------------------------------------------------------------------------
+
+def _tensor_frame(images: torch.Tensor, i: int) -> np.ndarray:
+    frame = images[i, ..., :3].detach().cpu()
+    # Float frames stay float: a float IMAGE (e.g. a sampler's output) is not rounded to 8 bits on the way.
+    return frame.numpy() if frame.dtype == torch.uint8 else frame.float().numpy()
+
+
+def _audio_span(audio: dict | None, start: float, end: float) -> dict | None:
+    """The AUDIO between ``start`` and ``end`` seconds, padded with silence where it is shorter (as load_audio)."""
+    if audio is None:
+        return None
+    wave = audio["waveform"]
+    wave = wave[0] if wave.ndim == 3 else wave  # ComfyUI AUDIO is (batch, channels, samples)
+    rate = int(audio["sample_rate"])
+    first, last = round(start * rate), round(end * rate)
+    out = torch.zeros((wave.shape[0], max(0, last - first)), dtype=torch.float32)
+    lo, hi = first, min(last, wave.shape[1])
+    if hi > lo:
+        out[:, :hi - lo] = wave[:, lo:hi].detach().float().cpu()
+    return {"waveform": out.unsqueeze(0), "sample_rate": rate}
+
+
+def _clip_source(clip: Clip) -> _Source:
+    images = clip.images
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] < 3:
+        raise ValueError(f"The clip's frames must be an IMAGE batch (F, H, W, 3) with F >= 1, "
+                         f"got shape {tuple(images.shape)}.")
+    rate = Fraction(clip.fps).limit_denominator(1001)
+    if rate <= 0:
+        raise ValueError(f"The clip's frame rate must be > 0, got {clip.fps}.")
+    count = images.shape[0]
+    frames = ((partial(_tensor_frame, images, i), float(i / rate)) for i in range(count))
+    return _Source("the clip", None, rate, images.shape[2], images.shape[1], count, count, frames,
+                   lambda: None, lambda start, end: _audio_span(clip.audio, start, end))
+
+
+def _open_source(source, fps: float) -> _Source:
+    if isinstance(source, Clip):
+        return _clip_source(source)
+    if hasattr(source, "read"):  # a binary stream
+        name = getattr(source, "name", None)
+        return _media_source(source, os.path.basename(name) if isinstance(name, str) else "the video stream", None)
+    path = Path(source)
+    if path.is_dir():
+        return _folder_source(path, fps)
+    if not path.is_file():
+        raise FileNotFoundError(f"Video file not found: {path}. Check the path or upload the file.")
+    return _media_source(str(path), path.name, str(path))
 
 
 def _estimated_total(source: _Source, skip_first: int, ratio: Fraction, every_nth: int, frame_cap: int) -> int:
@@ -194,13 +414,15 @@ def _estimated_total(source: _Source, skip_first: int, ratio: Fraction, every_nt
 
 # ---- audio ---------------------------------------------------------------------------------------------
 
-def load_audio(path: str | os.PathLike, start: float, end: float) -> dict | None:
+def load_audio(media, start: float, end: float) -> dict | None:
     """The first audio stream between ``start`` and ``end`` seconds as ComfyUI AUDIO, or None if there is none.
 
-    Gaps (audio starting late or ending early) are filled with silence so the length matches the span.
+    ``media`` is a path or a binary stream. Gaps (audio starting late or ending early) are filled with silence
+    so the length matches the span.
     """
+    _rewind(media)
     try:
-        container = av.open(str(path))
+        container = av.open(media if hasattr(media, "read") else str(media))
     except av.FFmpegError:
         return None  # e.g. animated WebP: no audio to read
     with container:
@@ -260,27 +482,48 @@ class _Counting:
 
 
 def _to_image(kept: list[np.ndarray]) -> torch.Tensor:
-    """uint8 frames -> IMAGE float32 (F, H, W, 3), freeing each uint8 frame once copied."""
+    """uint8 or float 0..1 frames -> IMAGE float32 (F, H, W, 3), freeing each frame once copied."""
     frames = torch.empty((len(kept), *kept[0].shape), dtype=torch.float32)
     for i in range(len(kept)):
-        frames[i] = torch.from_numpy(kept[i]).float().div_(255)
+        pixels = torch.from_numpy(kept[i])
+        if pixels.dtype == torch.uint8:
+            frames[i] = pixels.float().div_(255)
+        else:
+            frames[i].copy_(pixels).clamp_(0, 1)  # bicubic resizing of float frames can overshoot 0..1
         kept[i] = None
     return frames
 
 
-def load_video(path: str | os.PathLike, frame_cap: int = 0, skip_first: int = 0, every_nth: int = 1,
+def ffmpeg_reads(path: str | os.PathLike) -> bool:
+    """Whether FFmpeg alone decodes this file's video: False for animated WebP, which only Pillow reads here.
+
+    Readers that only have FFmpeg (ComfyUI's VideoFromFile) need such a file handed over as its frames instead.
+    """
+    try:
+        with av.open(str(path)) as container:
+            return container.format.name != "webp_pipe" and bool(container.streams.video)
+    except av.FFmpegError:
+        return False
+
+
+def load_video(source, frame_cap: int = 0, skip_first: int = 0, every_nth: int = 1,
                target_fps: float = 0.0, width: int = 0, height: int = 0, multiple_of: int = 8,
-               fit: str = "crop", progress: Callable[[int, int], None] | None = None
+               fit: str = "crop", progress: Callable[[int, int], None] | None = None, fps: float = 24.0,
                ) -> tuple[torch.Tensor, dict, dict | None]:
     """Decode the selected frames of a video -> (IMAGE (F, H, W, 3) float 0..1, info dict, AUDIO or None).
 
+    ``source``: a video file's path; a folder of images (png, jpg/jpeg, webp, bmp, tif/tiff, exr; one per frame,
+    in natural name order, all the same size; 16-bit and float images keep their precision, float values are
+    clipped to 0..1; no audio) played at ``fps``, which is ignored for every other source (they carry their own
+    rate); a binary stream holding a video file (e.g. a BytesIO); or a ``Clip`` in memory.
+
     Selection: skip ``skip_first`` frames, resample to ``target_fps`` (nearest source frame in time; 0 = off),
-    keep every ``every_nth``, stop after ``frame_cap`` (0 = all). Size: see ``output_size``; ``fit`` "crop"
-    covers the target and centre-crops, "pad" fits inside and pads with black.
+    keep every ``every_nth``, stop after ``frame_cap`` (0 = all). Only selected frames are read, so a damaged or
+    odd-sized image that the selection skips is not reported. Size: see ``output_size``; ``fit`` "crop" covers
+    the target and centre-crops, "pad" fits inside and pads with black.
     """
     _check_args(frame_cap, skip_first, every_nth, target_fps, width, height, multiple_of, fit)
-    path = Path(path)
-    source = _open_source(path)
+    source = _open_source(source, fps)
     decoded = _Counting(source.frames)
     kept: list[np.ndarray] = []
     start_time = 0.0
@@ -289,24 +532,27 @@ def load_video(path: str | os.PathLike, frame_cap: int = 0, skip_first: int = 0,
         out = output_size(source.width, source.height, width, height, multiple_of)
         scaled = _scaled_size(source.width, source.height, *out, fit, keep_scale=width <= 0 and height <= 0)
         total = _estimated_total(source, skip_first, ratio, every_nth, frame_cap)
-        for rgb, time in select_frames(decoded, skip_first, ratio, every_nth, frame_cap):
+        last_read = fitted = None
+        for read, time in select_frames(decoded, skip_first, ratio, every_nth, frame_cap):
             start_time = time if not kept else start_time
-            kept.append(fit_frame(rgb, scaled, out, fit))
+            if read is not last_read:  # a frame repeated by fps upsampling is read and resized once
+                fitted, last_read = fit_frame(read(), scaled, out, fit), read
+            kept.append(fitted)
             if progress is not None:
                 progress(len(kept), max(total, len(kept)))
     finally:
         source.close()
     source_count = source.frame_count or (decoded.count if decoded.exhausted else None)
     if not kept:
-        raise ValueError(f"No frames selected from {path.name} ({decoded.count} frames, skip_first={skip_first}): "
+        raise ValueError(f"No frames selected from {source.name} ({decoded.count} frames, skip_first={skip_first}): "
                          "lower skip_first or frame selection settings.")
 
-    fps = source.fps * ratio / every_nth
-    duration = float(len(kept) / fps)
+    out_fps = source.fps * ratio / every_nth
+    duration = float(len(kept) / out_fps)
     info = {
-        "fps": float(fps), "source_fps": float(source.fps),
+        "fps": float(out_fps), "source_fps": float(source.fps),
         "source_width": source.width, "source_height": source.height, "source_frame_count": source_count,
-        "frame_count": len(kept), "width": out[0], "height": out[1], "duration": duration, "path": str(path),
+        "frame_count": len(kept), "width": out[0], "height": out[1], "duration": duration, "path": source.path,
     }
-    audio = load_audio(path, start_time, start_time + duration)
+    audio = source.audio(start_time, start_time + duration)
     return _to_image(kept), info, audio
