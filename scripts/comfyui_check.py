@@ -215,7 +215,11 @@ async def run_prompt(server: Server, prompt: dict, workflow: dict, row: Row, tim
                     row.status = "ok"
                     break
     row.seconds = time.monotonic() - started
-    history = server.get(f"/history/{prompt_id}").get(prompt_id, {})
+    _read_outputs(server, server.get(f"/history/{prompt_id}").get(prompt_id, {}), row)
+
+
+def _read_outputs(server: Server, history: dict, row: Row) -> None:
+    """The files output nodes wrote, and their `ui` preview entry, from a /history entry."""
     for ui in (history.get("outputs") or {}).values():
         for key, items in ui.items():
             for item in items if isinstance(items, list) else []:
@@ -232,6 +236,99 @@ def _validation_message(answer: dict) -> str:
             parts.append(f"node {node_id} ({problem.get('class_type')}): {error.get('message')}: "
                          f"{error.get('details', '')}")
     return "; ".join(parts) or str(answer.get("error", {}).get("message", answer))
+
+
+# --- the canvas (real frontend in headless Chromium) ------------------------------------------------
+
+
+class Canvas:
+    """ComfyUI's own frontend in headless Chromium (Playwright driving a browser already installed).
+
+    Each workflow is loaded with `app.loadGraphData`, converted by the frontend's own `app.graphToPrompt()`
+    and queued from the page, so the canvas receives the run's progress and previews as a user sees them.
+    """
+
+    def __init__(self, server: Server, chromium: str, shots: Path):
+        self.server, self.chromium, self.shots = server, chromium, shots
+
+    async def __aenter__(self):
+        from playwright.async_api import async_playwright
+
+        self.server.post("/settings", {"Comfy.TutorialCompleted": True})  # no first-run tour over the canvas
+        self._playwright = await async_playwright().start()
+        self.browser = await self._playwright.chromium.launch(
+            executable_path=self.chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                 "--disable-component-update", "--no-first-run"])
+        self.page = await self.browser.new_page(viewport={"width": 1600, "height": 1000})
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        await self.page.goto(self.server.url + "/", wait_until="networkidle")
+        await self.page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=60_000)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.browser.close()
+        await self._playwright.stop()
+
+    async def load(self, ui: dict) -> tuple[list[str], dict]:
+        """(node types the canvas does not know, the frontend's own API prompt) for a UI workflow."""
+        return await self.page.evaluate("""async (ui) => {
+            await window.app.loadGraphData(ui, true, true, "check");
+            const known = window.LiteGraph.registered_node_types;
+            const missing = window.app.graph.nodes.filter((n) => !known[n.type]).map((n) => n.type);
+            const prompt = await window.app.graphToPrompt();
+            return [missing, prompt.output];
+        }""", ui)
+
+    async def queue(self, ui: dict, prompt: dict) -> dict:
+        return await self.page.evaluate("""async ([ui, prompt]) =>
+            await window.app.api.queuePrompt(0, {output: prompt, workflow: ui})""", [ui, prompt])
+
+    async def screenshot(self, name: str) -> Path:
+        self.shots.mkdir(parents=True, exist_ok=True)
+        path = self.shots / f"{name}.png"
+        await self.page.screenshot(path=str(path))
+        return path
+
+
+async def run_in_canvas(canvas: Canvas, ui: dict, ours: dict, row: Row, timeout: float) -> dict:
+    """Load, convert and queue one workflow in the real frontend; fill in `row`; the frontend's prompt."""
+    missing, prompt = await canvas.load(ui)
+    if missing:
+        row.status, row.message = "error", f"the canvas does not know {', '.join(sorted(set(missing)))}"
+        return prompt
+    if json.loads(json.dumps(prompt)) != json.loads(json.dumps(ours)):  # 0 == 0.0 after parsing
+        row.message = "the frontend's API form differs from the pack's converter; "
+    started = time.monotonic()
+    answer = await canvas.queue(ui, prompt)
+    prompt_id = answer.get("prompt_id")
+    if not prompt_id or answer.get("node_errors"):
+        row.status, row.message = "rejected", row.message + _validation_message(answer)
+        return prompt
+    while time.monotonic() - started < timeout:
+        entry = canvas.server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        await asyncio.sleep(0.5)
+    else:
+        canvas.server.post("/interrupt", {"prompt_id": prompt_id})
+        row.status, row.message = "timeout", f"no end after {timeout:.0f} s"
+        return prompt
+    row.seconds = time.monotonic() - started
+    status = entry["status"]
+    if status.get("status_str") == "success":
+        row.status = "ok"
+    else:
+        row.status = "error"
+        for event, data in status.get("messages", []):
+            if event == "execution_error":
+                row.message += (f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_type')}: "
+                                f"{data.get('exception_message', '').strip()}")
+    row.progress_events = -1  # followed by the page, not by this script
+    _read_outputs(canvas.server, entry, row)
+    await asyncio.sleep(1.0)  # let the canvas draw the previews before the picture
+    row.message += f"screenshot {(await canvas.screenshot(row.name)).name}"
+    return prompt
 
 
 # --- comparing with headless ------------------------------------------------------------------------
@@ -330,12 +427,16 @@ async def check(args: argparse.Namespace) -> list[Row]:
     link = link_pack(comfyui)
     server = Server(comfyui, args.python, work, args.start_timeout)
     rows: list[Row] = []
+    stack = contextlib.AsyncExitStack()
     try:
         server.start()
         object_info = server.get("/object_info")
         rows.append(check_import(server, object_info, workflows))
         if rows[0].status != "ok":
             return rows
+        canvas = None
+        if args.canvas:
+            canvas = await stack.enter_async_context(Canvas(server, args.chromium, work / "screenshots"))
         prompts = {}
         for path in workflows:
             ui = json.loads(path.read_text())
@@ -344,7 +445,10 @@ async def check(args: argparse.Namespace) -> list[Row]:
                           for name, value in values.items() for s in _set_input(prompt, cls, name, value)]
             prompts[path] = (ui, prompt, quick_sets)
             row = Row(path.stem)
-            await run_prompt(server, prompt, ui, row, args.timeout)
+            if canvas is not None:
+                await run_in_canvas(canvas, ui, prompt, row, args.timeout)
+            else:
+                await run_prompt(server, prompt, ui, row, args.timeout)
             if args.compare:
                 compare_with_headless(args.python, path, row, work, quick_sets)
             rows.append(row)
@@ -354,10 +458,13 @@ async def check(args: argparse.Namespace) -> list[Row]:
             first = next((w for w in workflows if w.stem == DEMO), workflows[0])
             ui, prompt, quick_sets = prompts[first]
             cached = Row(f"{first.stem} again (cache)")
+            before = set(server.output_dir.rglob("*"))
             await run_prompt(server, prompt, ui, cached, args.timeout)
-            if cached.status == "ok" and (cached.files or cached.cached_nodes != len(prompt)):
+            written = sorted(str(p) for p in set(server.output_dir.rglob("*")) - before)
+            cached.files = written  # the preview still names the earlier file: ComfyUI replays the cached ui
+            if cached.status == "ok" and (written or cached.cached_nodes != len(prompt)):
                 cached.status = "error"
-                cached.message = f"{cached.cached_nodes} of {len(prompt)} nodes cached, files {cached.files}"
+            cached.message = f"{cached.cached_nodes} of {len(prompt)} nodes cached, {len(written)} new files"
             rows.append(cached)
             print(format_row(cached), flush=True)
 
@@ -379,6 +486,7 @@ async def check(args: argparse.Namespace) -> list[Row]:
             rows.append(rerun)
             print(format_row(rerun), flush=True)
     finally:
+        await stack.aclose()
         server.stop()
         if link is not None:
             link.unlink()
@@ -413,9 +521,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=180, help="seconds ComfyUI may take to start")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="skip the comparison of each output with a headless run")
-    parser.add_argument("--quick", action="store_true", help="6 frames and 6 steps per workflow (see QUICK)")
+    parser.add_argument("--quick", action="store_true",
+                        help="6 frames and 6 steps per workflow (see QUICK); not with --canvas, which runs the files as saved")
+    parser.add_argument("--canvas", action="store_true",
+                        help="load, convert and queue each workflow in ComfyUI's own frontend in headless Chromium "
+                             "(needs `pip install playwright` and a Chromium; screenshots land in the kept folder)")
+    parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium",
+                        help="the Chromium executable for --canvas")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (outputs, ComfyUI's log)")
     args = parser.parse_args(argv)
+    if args.canvas and args.quick:
+        parser.error("--canvas runs the workflows as saved; leave out --quick")
     rows = asyncio.run(check(args))
     print(f"\n{comfyui_commit(args.comfyui)}, pack at {PACK_DIR.name}")
     print("| check | status | s | progress events | output | ui preview | same as headless | message |")
