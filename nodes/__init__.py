@@ -1,6 +1,7 @@
 """The pack's nodes: thin adapters from ComfyUI's node contract to pipelines_core."""
 
 from .attention_injector import VE_AttentionInjector
+from .comfy_model import VE_FromComfyModel
 from .controlnet_condition import VE_ControlNetCondition
 from .cross_frame_sampler import VE_CrossFrameSampler
 from .ddim_invert import VE_DDIMInvert
@@ -14,6 +15,7 @@ from .video_encode import VE_VideoEncode
 NODE_CLASS_MAPPINGS = {
     "VE_LoadVideo": VE_LoadVideo,
     "VE_LoadModel": VE_LoadModel,
+    "VE_FromComfyModel": VE_FromComfyModel,
     "VE_CrossFrameSampler": VE_CrossFrameSampler,
     "VE_VideoEncode": VE_VideoEncode,
     "VE_FlowWarp": VE_FlowWarp,
@@ -27,6 +29,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VE_LoadVideo": "Load Video (Video Edit)",
     "VE_LoadModel": "Load Model (Video Edit)",
+    "VE_FromComfyModel": "Use ComfyUI Model (Video Edit)",
     "VE_CrossFrameSampler": "Cross-Frame Sampler",
     "VE_VideoEncode": "Video Encode",
     "VE_FlowWarp": "Flow Warp",

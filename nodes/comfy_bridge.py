@@ -146,3 +146,47 @@ def comfy_tokenizer_dirs() -> list[str]:
     import comfy.sd1_clip
 
     return [comfy.sd1_clip.SDTokenizer().tokenizer.name_or_path]
+
+
+# --- ComfyUI's model manager --------------------------------------------------------------------
+
+def _container(modules):
+    """Our diffusers modules as one plain torch module: ComfyUI's manager writes attributes (`device`,
+    `model_loaded_weight_memory`, ...) onto what it manages, and diffusers models expose `device` read-only."""
+    import torch
+
+    container = torch.nn.Module()
+    container.parts = torch.nn.ModuleList(modules)
+    return container
+
+
+def manage_memory(modules, device) -> None:
+    """Inside ComfyUI (headless: nothing): hand these modules to ComfyUI's model manager, which loads them to
+    `device` when `load_for_use` asks and moves them to its offload device (the CPU) when it needs the
+    memory for another model or is told to free it (`POST /free`, the Unload Models button). The patcher is
+    kept on the first module, so it goes when the modules go (ComfyUI holds it only weakly)."""
+    env = _comfy()
+    if env is None or hasattr(modules[0], "_video_edit_patcher"):
+        return
+    import comfy.model_patcher
+
+    patcher = comfy.model_patcher.ModelPatcher(
+        _container(modules), load_device=device, offload_device=env[0].model_management.unet_offload_device())
+    object.__setattr__(modules[0], "_video_edit_patcher", patcher)  # a plain attribute, not a submodule
+
+
+def is_managed(module) -> bool:
+    return hasattr(module, "_video_edit_patcher")
+
+
+def load_for_use(model, control=None) -> None:
+    """Before a node computes with a VE_MODEL (and a VE_CONTROL's ControlNets): ComfyUI loads the managed
+    ones to their device in full, evicting its own models if it must. Unmanaged ones (keep loaded,
+    headless) stay where they are."""
+    env = _comfy()
+    if env is None:
+        return
+    keys = [model.unet] + [unit.controlnet for unit in (control.units if control is not None else ())]
+    patchers = [m._video_edit_patcher for m in keys if is_managed(m)]
+    if patchers:
+        env[0].model_management.load_models_gpu(patchers, force_full_load=True)

@@ -29,8 +29,12 @@ def load_named_controlnet(name: str, model):
     if name == BUILTIN_TINY_CONTROLNET:
         if model.source != "builtin:tiny":
             raise ValueError("ControlNet Condition: the builtin:tiny ControlNet only fits the builtin:tiny model")
-        return place(tiny_controlnet(model.unet), model.device, model.dtype)
-    return load_controlnet(resolve_controlnet(name), dtype=model.dtype, device=model.device)
+        controlnet = place(tiny_controlnet(model.unet), model.device, model.dtype)
+    else:
+        controlnet = load_controlnet(resolve_controlnet(name), dtype=model.dtype, device=model.device)
+    if comfy_bridge.is_managed(model.unet):  # follows its model's keep_loaded choice
+        comfy_bridge.manage_memory([controlnet], model.device)
+    return controlnet
 
 
 class VE_ControlNetCondition:

@@ -94,6 +94,7 @@ class VE_CrossFrameSampler:
         if generating and control is not None and len(control):
             # Generating under ControlNet: the hints fix the frame count and size.
             frame_count, (height, width) = control.units[0].frame_count, control.units[0].size
+        comfy_bridge.load_for_use(model, control)
         latents = guided_edit(
             model, settings, temporal, images=images, frame_count=frame_count, size=(height, width),
             progress=comfy_bridge.progress("Cross-Frame Sampler"), control=control, inversion=inversion,

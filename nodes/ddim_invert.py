@@ -69,6 +69,7 @@ class VE_DDIMInvert:
                chunk_size, null_text, null_text_cfg, measure_psnr):
         spec = RECORD_CHOICES[record]
         spec = RecordSpec(spec.self_probs, spec.cross_probs, spec.qk, spec.features, max_tokens, storage)
+        comfy_bridge.load_for_use(model)
         inversion = invert_video(
             model, frames, prompt=source_prompt, steps=steps, cfg=null_text_cfg if null_text else cfg, record=spec,
             budget_bytes=int(budget_gb * 2**30), null_text=null_text, measure=measure_psnr, attention=attention,

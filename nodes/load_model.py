@@ -54,6 +54,10 @@ class VE_LoadModel:
                 "tokenizer": ("STRING", {"default": "",
                                          "tooltip": "Folder with SD-1.5's CLIP tokenizer (vocab.json, merges.txt) for a "
                                                     "single-file checkpoint; empty = next to the checkpoint or ComfyUI's own."}),
+                "keep_loaded": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Inside ComfyUI: off = ComfyUI's model manager moves this model "
+                                                       "off the GPU when it needs the memory or is told to free it "
+                                                       "(loaded again when a node uses it); on = it stays on the device."}),
             },
         }
 
@@ -72,7 +76,7 @@ class VE_LoadModel:
         except FileNotFoundError:
             return ""
 
-    def load(self, checkpoint, dtype, device, tokenizer=""):
+    def load(self, checkpoint, dtype, device, tokenizer="", keep_loaded=False):
         source = resolve_model(checkpoint)
         # Only a single file lacks a tokenizer of its own; asking ComfyUI for one costs a tokenizer load.
         fallback = comfy_bridge.comfy_tokenizer_dirs() if os.path.isfile(source) and not tokenizer else []
@@ -80,4 +84,6 @@ class VE_LoadModel:
             source, dtype=dtype, device=comfy_bridge.device_choice(device),
             tokenizer_dir=tokenizer or None, tokenizer_candidates=fallback,
         )
+        if not keep_loaded:
+            comfy_bridge.manage_memory([model.unet, model.vae, model.text_encoder], model.device)
         return (model,)

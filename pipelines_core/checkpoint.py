@@ -5,10 +5,17 @@ shipped in `configs/sd15` (no weights, no tokenizer), handed to diffusers' singl
 `local_files_only=True` and the Hub forced offline: without a local config diffusers would fetch one from the
 Hub. The CLIP tokenizer is not inside such files, so it is looked up next to the checkpoint or in folders the
 caller names (ComfyUI ships one).
+
+Two ways in, one conversion (`components_from_state_dict`): a file is read into a state dict first
+(`load_single_file`); a state dict in the same layout can also come from elsewhere, e.g. what ComfyUI's
+checkpoint save writes for the model it holds (`model.diffusion_model.*`, `first_stage_model.*`,
+`cond_stage_model.transformer.text_model.*`). What the SD-1.5 configs cannot describe (other families,
+quantised weights) is refused in one line before any conversion.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -21,7 +28,9 @@ import torch
 SD15_CONFIG_DIR = str(Path(__file__).resolve().parent / "configs" / "sd15")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+MODEL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)
 CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
 
 
@@ -108,55 +117,141 @@ def _normalise_clip_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _check_layout(state: dict[str, torch.Tensor], unet_config: dict, path: str) -> None:
-    """Fail early, in one line, on files that are not original-layout checkpoints shaped like the configs."""
-    name = os.path.basename(path)
+# Markers of quantised weights: ComfyUI's scaled fp8 (`scaled_fp8`, `scale_weight`, `scale_input`),
+# NVIDIA ModelOpt / TensorRT fp8 (`weight_scale`, `input_scale`), bitsandbytes NF4/FP4 (`absmax`, `quant_map`,
+# `quant_state.*`). Their weights only mean something together with these scales, which diffusers' SD-1.5
+# converters know nothing about.
+_QUANT_KEY_MARKERS = ("scaled_fp8", "scale_weight", "scale_input", "weight_scale", "input_scale", "absmax",
+                      "quant_map", "quant_state")
+
+
+def _family(state: dict) -> str | None:
+    """The model family a non-SD-1.x state dict belongs to, when its keys say so; None if SD-1.x-like."""
+    keys = state.keys()
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("conditioner.embedders."):  # SDXL's two text encoders (the refiner has only OpenCLIP bigG)
+        return "SDXL" if has("conditioner.embedders.1.") else "SDXL refiner"
+    if has("cond_stage_model.model."):  # OpenCLIP ViT-H under cond_stage_model: SD-2.x (and SD-2 unCLIP)
+        return "SD-2.x"
+    for prefix in ("", UNET_PREFIX):
+        if has(prefix + "double_blocks.") and has(prefix + "single_blocks."):
+            return "Flux"
+        if has(prefix + "joint_blocks."):
+            return "SD3"
+    if has(UNET_PREFIX + "label_emb."):  # class/size-conditioned UNet without SDXL's text encoders
+        return "SDXL (UNet only)"
+    if any(".time_stack." in k for k in keys if k.startswith(UNET_PREFIX)):
+        return "Stable Video Diffusion"
+    if has(UNET_PREFIX) and not has(UNET_PREFIX + "input_blocks."):
+        return "a non-UNet (DiT) model"
+    widths = {state[k].shape[-1] for k in keys if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")}
+    if widths == {1024}:
+        return "SD-2.x"
+    return None
+
+
+def _check_not_quantised(state: dict, label: str) -> None:
+    """Quantised weights cannot go through the converters: they would load as garbage or fail deep inside."""
+    for key, value in state.items():
+        marked = any(m in part for part in key.split(".") for m in _QUANT_KEY_MARKERS)
+        if not key.startswith(MODEL_PREFIXES) and not marked:
+            continue  # schedule buffers, v_pred/EMA markers, ...: not converted, so not our concern here
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{label}: '{key}' is a {type(value).__name__}, not a tensor: not a plain SD-1.5 state dict."
+            )
+        if type(value) not in (torch.Tensor, torch.nn.Parameter):  # GGUF's GGMLTensor, torchao's quantised tensors
+            raise ValueError(
+                f"{label} holds quantised tensors ({type(value).__name__} at '{key}', e.g. GGUF): only plain "
+                "fp32/fp16/bf16 SD-1.5 weights can be converted; load the unquantised checkpoint."
+            )
+        dtype_name = str(value.dtype).removeprefix("torch.")
+        if dtype_name.startswith(("float8", "float4")):
+            raise ValueError(
+                f"{label} holds {dtype_name} weights ('{key}'): quantised (fp8) weights cannot be converted; load "
+                "the checkpoint in fp16/fp32 (in ComfyUI: weight_dtype 'default', no --fp8 options)."
+            )
+        if marked:
+            raise ValueError(
+                f"{label} holds quantisation scales ('{key}'): scaled-fp8/NF4 quantised weights cannot be "
+                "converted; load the unquantised checkpoint."
+            )
+        if not value.is_floating_point() and key.endswith((".weight", ".bias")):
+            raise ValueError(
+                f"{label} holds {dtype_name} weights ('{key}'): int8/NF4-quantised weights cannot be converted; "
+                "load the unquantised checkpoint."
+            )
+
+
+def check_convertible(state: dict, unet_config: dict, vae_config: dict, label: str) -> None:
+    """Fail early, in one line, on state dicts that are not original-layout SD-1.x shaped like the configs.
+
+    `label` names the source in the messages (e.g. "'model.safetensors'" or "ComfyUI's model").
+    """
+    family = _family(state)
+    if family is not None:
+        raise ValueError(f"{label} is {family}, not SD-1.5: only SD-1.5 checkpoints are supported.")
+    _check_not_quantised(state, label)
     if not any(k.startswith(UNET_PREFIX) for k in state):
         diffusers_like = any(k.startswith("down_blocks.") for k in state)
         hint = "a diffusers or component-only file" if diffusers_like else "not a full SD model"
         raise ValueError(
-            f"'{name}' has no 'model.diffusion_model.*' weights ({hint}): "
+            f"{label} has no 'model.diffusion_model.*' weights ({hint}): "
             "pick a full SD-1.5 checkpoint or a diffusers folder."
         )
     if not any(k.startswith(CLIP_PREFIX) for k in state):
         raise ValueError(
-            f"'{name}' has no SD-1.x CLIP text encoder (cond_stage_model.transformer.*): "
+            f"{label} has no SD-1.x CLIP text encoder (cond_stage_model.transformer.*): "
             "only SD-1.5 checkpoints are supported (SD-2.x and SDXL are not)."
+        )
+    if "v_pred" in state:  # written by ComfyUI's checkpoint save for v-prediction models
+        raise ValueError(
+            f"{label} is a v-prediction model ('v_pred' key): the SD-1.5 scheduler config predicts noise (epsilon), "
+            "so only epsilon-prediction SD-1.5 checkpoints are supported."
         )
     widths = {v.shape[-1] for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")}
     text_width = unet_config["cross_attention_dim"]
     if widths and widths != {text_width}:
         raise ValueError(
-            f"'{name}' expects text features of width {sorted(widths)}, not SD-1.5's {text_width}: "
+            f"{label} expects text features of width {sorted(widths)}, not SD-1.5's {text_width}: "
             "only SD-1.5 checkpoints are supported."
         )
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != unet_config["in_channels"]:
         raise ValueError(
-            f"'{name}' takes {conv_in.shape[1]} latent channels, not {unet_config['in_channels']} "
+            f"{label} takes {conv_in.shape[1]} latent channels, not {unet_config['in_channels']} "
             "(an inpainting or instruct model?): only plain SD-1.5 text-to-image checkpoints are supported."
+        )
+    moments = state.get(VAE_PREFIX + "encoder.conv_out.weight")  # mean and log-variance per latent channel
+    if moments is not None and moments.shape[0] != 2 * vae_config["latent_channels"]:
+        raise ValueError(
+            f"{label} has a VAE with {moments.shape[0] // 2} latent channels, not {vae_config['latent_channels']}: "
+            "not an SD-1.5 VAE."
         )
 
 
-def _incomplete(path: str, component: str, missing: Sequence[str] = ()) -> ValueError:
+def _incomplete(label: str, component: str, missing: Sequence[str] = ()) -> ValueError:
     detail = f" ({len(missing)}, e.g. {missing[0]})" if missing else ""
     return ValueError(
-        f"'{os.path.basename(path)}' lacks {component} weights{detail}: "
+        f"{label} lacks {component} weights{detail}: "
         "it is not an SD-1.5 checkpoint matching the configs."
     )
 
 
-def _load_component(component: str, path: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def _load_component(component: str, label: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Run one converter; weights it did not find stay on the meta device, so report them in one line."""
     try:
         model = load()
     except NotImplementedError as err:  # diffusers moves the half-loaded model off meta and fails there
         if "meta tensor" not in str(err):
             raise
-        raise _incomplete(path, component) from None
+        raise _incomplete(label, component) from None
     missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if missing:
-        raise _incomplete(path, component, missing)
+        raise _incomplete(label, component, missing)
     return model.eval().requires_grad_(False)
 
 
@@ -214,6 +309,89 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def _owned_copy(state: dict, torch_dtype: torch.dtype) -> dict:
+    """The model tensors of `state`, copied to the CPU in `torch_dtype` (floating point only).
+
+    The converters put the tensors they are given into the new modules as they are (no copy when the
+    dtype already matches), so modules built from someone else's tensors would share their storage and
+    change whenever the owner writes into them (ComfyUI writes patched and restored weights into its
+    tensors in place for hook patches and `weight_inplace_update` models). Casting while copying costs one
+    copy, not two, and rounds exactly as the converters' own cast would.
+    """
+    owned = {}
+    for key, value in state.items():
+        if key.startswith(MODEL_PREFIXES):
+            dtype = torch_dtype if value.is_floating_point() else value.dtype
+            owned[key] = value.detach().to(device="cpu", dtype=dtype, copy=True)
+    return owned
+
+
+def _capped_tokenizer(tokenizer, max_length: int):
+    """The tokenizer, padding/truncating to the text encoder's positions; a capped copy if it allows more.
+
+    A tokenizer handed in may be shared (ComfyUI's own says 8192), so it is never changed in place.
+    """
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit <= max_length:
+        return tokenizer
+    capped = copy.deepcopy(tokenizer)
+    capped.model_max_length = max_length
+    return capped
+
+
+def components_from_state_dict(
+    state: dict[str, torch.Tensor],
+    tokenizer,
+    *,
+    config_dir: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    label: str = "the state dict",
+    copy_tensors: bool = True,
+) -> dict:
+    """SD-1.5 components from a state dict in the original single-file layout, offline.
+
+    Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler_config"} like `tiny.build_tiny_components`
+    (CPU, eval mode, no grad). `config_dir` is a diffusers-style folder of configs (default: the shipped SD-1.5
+    ones); `tokenizer` is a CLIP tokenizer object (capped to the text encoder's 77 positions on a copy if
+    needed). With `copy_tensors` (the default) the modules own their weights; a caller whose tensors are
+    fresh and its own (a file just read) passes False and saves a copy. `label` names the source in errors.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    config_dir = str(config_dir or SD15_CONFIG_DIR)
+    _check_config_dir(config_dir)
+    unet_config = _read_json(os.path.join(config_dir, "unet", "config.json"))
+    vae_config = _read_json(os.path.join(config_dir, "vae", "config.json"))
+    text_config = _read_json(os.path.join(config_dir, "text_encoder", "config.json"))
+    scheduler_config = _read_json(os.path.join(config_dir, "scheduler", "scheduler_config.json"))
+
+    check_convertible(state, unet_config, vae_config, label)  # before copying gigabytes
+    if copy_tensors:
+        state = _owned_copy(state, torch_dtype)
+    state = _normalise_clip_keys(state)
+    common = {"config": config_dir, "local_files_only": True, "torch_dtype": torch_dtype}
+    with hub_offline(), _quiet_dtype_cast():
+        unet = _load_component(
+            "UNet", label, lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+        )
+        vae = _load_component("VAE", label, lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **common))
+        # The text encoder has no from_single_file; this is the converter diffusers' pipeline loader uses.
+        text_encoder = _load_component(
+            "text encoder",
+            label,
+            lambda: create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", **common),
+        )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": _capped_tokenizer(tokenizer, text_config["max_position_embeddings"]),
+        "scheduler_config": scheduler_config,
+    }
+
+
 def load_single_file(
     path: str,
     *,
@@ -222,41 +400,19 @@ def load_single_file(
     torch_dtype: torch.dtype = torch.float32,
     tokenizer_candidates: Sequence[str] = (),
 ) -> dict:
-    """Load an SD-1.5 single-file checkpoint (original layout) offline.
+    """Load an SD-1.5 single-file checkpoint (original layout) offline: read it, then `components_from_state_dict`.
 
-    Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler_config"} like `tiny.build_tiny_components`
-    (CPU, eval mode, no grad). `config_dir` is a diffusers-style folder of configs (default: the shipped SD-1.5
-    ones); the tokenizer is resolved by `find_tokenizer_dir(path, tokenizer_dir, tokenizer_candidates)`.
+    `config_dir` is a diffusers-style folder of configs (default: the shipped SD-1.5 ones); the tokenizer is
+    resolved by `find_tokenizer_dir(path, tokenizer_dir, tokenizer_candidates)`.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel
-
     config_dir = str(config_dir or SD15_CONFIG_DIR)
     _check_config_dir(config_dir)
     tokenizer_folder = find_tokenizer_dir(path, tokenizer_dir, tokenizer_candidates)  # fail before reading GBs
-    unet_config = _read_json(os.path.join(config_dir, "unet", "config.json"))
-    scheduler_config = _read_json(os.path.join(config_dir, "scheduler", "scheduler_config.json"))
-
-    state = _normalise_clip_keys(read_state_dict(path))
-    _check_layout(state, unet_config, path)
-    common = {"config": config_dir, "local_files_only": True, "torch_dtype": torch_dtype}
-    with hub_offline(), _quiet_dtype_cast():
-        unet = _load_component(
-            "UNet", path, lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
-        )
-        vae = _load_component("VAE", path, lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **common))
-        # The text encoder has no from_single_file; this is the converter diffusers' pipeline loader uses.
-        text_encoder = _load_component(
-            "text encoder",
-            path,
-            lambda: create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", **common),
-        )
-        tokenizer = load_tokenizer(tokenizer_folder, text_encoder.config.max_position_embeddings)
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler_config": scheduler_config,
-    }
+    text_config = _read_json(os.path.join(config_dir, "text_encoder", "config.json"))
+    state = read_state_dict(path)
+    tokenizer = load_tokenizer(tokenizer_folder, text_config["max_position_embeddings"])
+    # The tensors were just read and belong to nobody else: the modules may take them over without a copy.
+    return components_from_state_dict(
+        state, tokenizer, config_dir=config_dir, torch_dtype=torch_dtype,
+        label=f"'{os.path.basename(path)}'", copy_tensors=False,
+    )

@@ -5,7 +5,9 @@ Sources (all offline; nothing is ever downloaded):
   * "builtin:sd15-random"         - SD-1.5-sized with random weights, for benchmarks (tiny.py);
   * a diffusers folder            - a directory holding model_index.json and unet/ vae/ text_encoder/ tokenizer/;
   * a single-file checkpoint      - .safetensors/.ckpt in the original SD layout, converted with the
-                                    SD-1.5 component configs shipped in configs/sd15 (checkpoint.py).
+                                    SD-1.5 component configs shipped in configs/sd15 (checkpoint.py);
+  * a state dict in that layout   - already in memory, e.g. the model a ComfyUI graph loaded and patched
+                                    (`model_from_state_dict`; the same conversion as a file).
 """
 
 from __future__ import annotations
@@ -120,22 +122,49 @@ def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Option
     )
 
 
-def load_model(source: str, dtype: str = "fp32", device: str = "auto", tokenizer_dir: Optional[str] = None,
-               tokenizer_candidates: Sequence[str] = ()) -> VEModel:
-    """Load a model and put it on `device` in `dtype`, ready for sampling (eval mode, no grads)."""
+def _dtype_and_device(dtype: str, device: str) -> tuple[torch.dtype, torch.device]:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     target = resolve_device(device)
     if target.type == "cpu" and torch_dtype == torch.float16:
         raise ValueError("fp16 on the CPU is unsupported by many kernels; choose fp32 (or bf16) for the CPU")
-    parts = load_components(source, torch_dtype, tokenizer_dir, tokenizer_candidates)
+    return torch_dtype, target
+
+
+def _assemble(parts: dict, source: str, target: torch.device, torch_dtype: torch.dtype) -> VEModel:
+    """Components on `target` in `torch_dtype`, ready for sampling (eval mode, no grads)."""
     for name in ("unet", "vae", "text_encoder"):
         module = parts[name].to(device=target)
         if module.dtype != torch_dtype:
             module = module.to(dtype=torch_dtype)
         parts[name] = module.eval().requires_grad_(False)
     return VEModel(source=source, device=target, dtype=torch_dtype, **parts)
+
+
+def load_model(source: str, dtype: str = "fp32", device: str = "auto", tokenizer_dir: Optional[str] = None,
+               tokenizer_candidates: Sequence[str] = ()) -> VEModel:
+    """Load a model and put it on `device` in `dtype`, ready for sampling (eval mode, no grads)."""
+    torch_dtype, target = _dtype_and_device(dtype, device)
+    parts = load_components(source, torch_dtype, tokenizer_dir, tokenizer_candidates)
+    return _assemble(parts, source, target, torch_dtype)
+
+
+def model_from_state_dict(state: dict, tokenizer, dtype: str = "fp32", device: str = "auto",
+                          source: str = "state dict", config_dir: Optional[str] = None) -> VEModel:
+    """A model from an SD-1.5 state dict in the original single-file layout, as a file would give it.
+
+    `tokenizer` is a CLIP tokenizer object (e.g. ComfyUI's own; a capped copy is used if it pads beyond 77).
+    The model's weights are copies: `state` and its owner are never changed, and later changes to them (a
+    ComfyUI model being patched or unpatched) do not reach the model. `source` names it in errors and repr;
+    `config_dir` defaults to the shipped SD-1.5 configs.
+    """
+    from .checkpoint import components_from_state_dict
+
+    torch_dtype, target = _dtype_and_device(dtype, device)
+    parts = components_from_state_dict(state, tokenizer, config_dir=config_dir, torch_dtype=torch_dtype,
+                                       label=f"'{source}'")
+    return _assemble(parts, source, target, torch_dtype)
 
 
 # --- what every recipe does with a model -------------------------------------------------------

@@ -215,7 +215,17 @@ async def run_prompt(server: Server, prompt: dict, workflow: dict, row: Row, tim
                     row.status = "ok"
                     break
     row.seconds = time.monotonic() - started
-    _read_outputs(server, server.get(f"/history/{prompt_id}").get(prompt_id, {}), row)
+    _read_outputs(server, await finished_entry(server, prompt_id), row)
+
+
+async def finished_entry(server: Server, prompt_id: str, wait: float = 30.0) -> dict:
+    """The prompt's /history entry; the worker stores it a moment after the last websocket event."""
+    deadline = time.monotonic() + wait
+    while True:
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None or time.monotonic() > deadline:
+            return entry or {}
+        await asyncio.sleep(0.2)
 
 
 def _read_outputs(server: Server, history: dict, row: Row) -> None:
@@ -305,12 +315,8 @@ async def run_in_canvas(canvas: Canvas, ui: dict, ours: dict, row: Row, timeout:
     if not prompt_id or answer.get("node_errors"):
         row.status, row.message = "rejected", row.message + _validation_message(answer)
         return prompt
-    while time.monotonic() - started < timeout:
-        entry = canvas.server.get(f"/history/{prompt_id}").get(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None:
-            break
-        await asyncio.sleep(0.5)
-    else:
+    entry = await finished_entry(canvas.server, prompt_id, timeout)
+    if entry.get("status", {}).get("completed") is None:
         canvas.server.post("/interrupt", {"prompt_id": prompt_id})
         row.status, row.message = "timeout", f"no end after {timeout:.0f} s"
         return prompt

@@ -96,7 +96,7 @@ pack = importlib.util.module_from_spec(spec)
 sys.modules[name] = pack
 spec.loader.exec_module(pack)
 bridge = sys.modules[name + ".nodes.comfy_bridge"]
-model, = pack.NODE_CLASS_MAPPINGS["VE_LoadModel"]().load("builtin:tiny", "fp32", "auto")
+model, = pack.NODE_CLASS_MAPPINGS["VE_LoadModel"]().load("builtin:tiny", "fp32", "auto", keep_loaded=True)
 tokenizer_dirs = bridge.comfy_tokenizer_dirs()
 report = {{
     "comfy_file": getattr(comfy, "__file__", None),
@@ -115,6 +115,16 @@ try:
     report["unknown_kind"] = "silent"
 except Exception as exc:
     report["unknown_kind"] = type(exc).__name__
+if {real!r}:  # ComfyUI's model manager takes our model, frees it, and it still works after
+    import comfy.model_management as mm
+    managed, = pack.NODE_CLASS_MAPPINGS["VE_LoadModel"]().load("builtin:tiny", "fp32", "auto")
+    patcher = managed.unet._video_edit_patcher
+    bridge.load_for_use(managed)
+    report["managed"] = any(m.model is patcher for m in mm.current_loaded_models)
+    mm.unload_all_models()
+    report["released"] = not any(m.model is patcher for m in mm.current_loaded_models)
+    models = sys.modules[name + ".pipelines_core.models"]
+    report["usable"] = models.encode_prompt(managed, "a cat").shape[0] == 1
 print("REPORT " + json.dumps(report))
 """
 
@@ -133,8 +143,8 @@ def make_comfy_tree(root: Path) -> Path:
     return root
 
 
-def probe(comfy_root: Path) -> dict:
-    code = PROBE.format(comfy=str(comfy_root), pack=str(PACK))
+def probe(comfy_root: Path, real: bool = False) -> dict:
+    code = PROBE.format(comfy=str(comfy_root), pack=str(PACK), real=real)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=comfy_root, timeout=300)
     lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
@@ -155,8 +165,9 @@ def test_the_pack_runs_beside_a_namespace_comfy_package(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout")
 def test_the_pack_runs_beside_a_real_comfyui():
-    report = probe(Path(os.environ["COMFYUI_PATH"]))
+    report = probe(Path(os.environ["COMFYUI_PATH"]), real=True)
     assert report["comfy_file"] is None and report["in_comfyui"]
+    assert report["managed"] and report["released"] and report["usable"]
     assert Path(report["tokenizer_dirs"][0]).name == "sd1_tokenizer"
     assert report["unknown_kind"] == "KeyError"
 

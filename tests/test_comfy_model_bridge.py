@@ -1,0 +1,328 @@
+"""Use ComfyUI Model: a VE_MODEL from a state dict in the original SD-1.x checkpoint layout.
+
+ComfyUI hands its loaded model over as that state dict (what its checkpoint save writes). The engine must
+build from it exactly the model Load Model builds from the same weights in a file, own its weights (ComfyUI
+patches and unpatches its tensors later), leave the caller's tensors and tokenizer alone, and refuse in one
+line what the SD-1.5 configs cannot describe. The node's ComfyUI half runs against a real ComfyUI only when
+COMFYUI_PATH names a checkout (in a subprocess: ComfyUI's modules must not leak into this test session).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_video_edit.pipelines_core import checkpoint as ckpt
+from comfyui_video_edit.pipelines_core.models import DTYPES, model_from_state_dict
+from comfyui_video_edit.pipelines_core.tiny import build_tiny_components, write_tiny_tokenizer
+
+from ldm_layout import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, to_ldm_checkpoint
+
+COMFY_TOKENIZER_LIMIT = 8192  # what ComfyUI's own CLIP tokenizer says (comfy/sd1_tokenizer)
+
+
+def _write_configs(folder, unet, vae, text_encoder, scheduler_config) -> str:
+    """The components' configs as a diffusers-style config folder (what configs/sd15 is for SD-1.5)."""
+    unet.save_config(os.path.join(folder, "unet"))
+    vae.save_config(os.path.join(folder, "vae"))
+    text_encoder.config.save_pretrained(os.path.join(folder, "text_encoder"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(scheduler_config, f)
+    return folder
+
+
+def _comfy_layout(file_state: dict) -> dict:
+    """What ComfyUI's `state_dict_for_saving` gives for SD-1.x: the three model prefixes only, CLIP under
+    `text_model.`, no position_ids buffer (ComfyUI's CLIP has none) and no schedule buffers."""
+    return {k: v for k, v in file_state.items()
+            if k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)) and not k.endswith("position_ids")}
+
+
+def _tokenizer(folder: str, limit: int):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer.model_max_length = limit
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bridge")
+    components = build_tiny_components(str(root / "tokenizer"))
+    config_dir = _write_configs(str(root / "configs"), components["unet"], components["vae"],
+                                components["text_encoder"], components["scheduler_config"])
+    file_state = to_ldm_checkpoint(components["unet"], components["vae"], components["text_encoder"])
+    path = str(root / "model" / "tiny.safetensors")
+    os.makedirs(os.path.dirname(path))
+    save_file(file_state, path)
+    write_tiny_tokenizer(str(root / "model" / "tokenizer"))  # Load Model's tokenizer, next to the file
+    return {"components": components, "config_dir": config_dir, "path": path, "tokenizer_dir": str(root / "tokenizer"),
+            "comfy_state": _comfy_layout(file_state)}
+
+
+def _inputs(unet):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    text = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    return x, torch.tensor([10, 500]), text, z
+
+
+def _assert_same_module(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+# --- the state-dict path builds what the file path builds -------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_state_dict_gives_the_model_load_model_gives_from_the_file(tiny, no_network, dtype):
+    # Load Model's single-file path (read file -> state dict -> conversion), with the tiny configs.
+    from_file = ckpt.load_single_file(tiny["path"], config_dir=tiny["config_dir"], torch_dtype=DTYPES[dtype])
+    comfy_tokenizer = _tokenizer(tiny["tokenizer_dir"], COMFY_TOKENIZER_LIMIT)
+
+    model = model_from_state_dict(tiny["comfy_state"], comfy_tokenizer, dtype=dtype, device="cpu",
+                                  source="comfyui:test", config_dir=tiny["config_dir"])
+
+    assert model.dtype == DTYPES[dtype] and model.source == "comfyui:test"
+    for name in ("unet", "vae", "text_encoder"):
+        _assert_same_module(getattr(model, name), from_file[name])
+        assert not getattr(model, name).training
+    assert model.scheduler_config == from_file["scheduler_config"]
+    x, t, text, z = _inputs(model.unet)
+    with torch.no_grad():
+        x, text, z = x.to(model.dtype), text.to(model.dtype), z.to(model.dtype)
+        assert torch.equal(model.unet(x, t, text).sample, from_file["unet"](x, t, text).sample)
+        assert torch.equal(model.vae.decode(z).sample, from_file["vae"].decode(z).sample)
+        ids = model.tokenizer("a red car", padding="max_length", return_tensors="pt").input_ids
+        file_ids = from_file["tokenizer"]("a red car", padding="max_length", return_tensors="pt").input_ids
+        assert ids.shape == (1, 77) and torch.equal(ids, file_ids)  # capped at the text encoder's 77 positions
+        assert torch.equal(model.text_encoder(ids)[0], from_file["text_encoder"](ids)[0])
+    if dtype == "fp32":  # and both are the original diffusers weights, bit for bit
+        for name in ("unet", "vae", "text_encoder"):
+            _assert_same_module(getattr(model, name), tiny["components"][name])
+
+
+def test_weights_are_owned_and_the_inputs_are_left_alone(tiny):
+    state = {k: v.clone() for k, v in tiny["comfy_state"].items()}  # this test changes it afterwards
+    snapshot = {k: v.clone() for k, v in state.items()}
+    comfy_tokenizer = _tokenizer(tiny["tokenizer_dir"], COMFY_TOKENIZER_LIMIT)
+
+    model = model_from_state_dict(state, comfy_tokenizer, dtype="fp32", device="cpu", config_dir=tiny["config_dir"])
+
+    assert state.keys() == snapshot.keys() and all(torch.equal(state[k], snapshot[k]) for k in state)
+    assert comfy_tokenizer.model_max_length == COMFY_TOKENIZER_LIMIT  # ComfyUI's object is shared: not capped in place
+    assert model.tokenizer is not comfy_tokenizer and model.tokenizer.model_max_length == 77
+    theirs = {v.untyped_storage().data_ptr() for v in state.values()}
+    modules = (model.unet, model.vae, model.text_encoder)
+    ours = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    assert not theirs & {t.untyped_storage().data_ptr() for t in ours}
+    # What ComfyUI may do to its tensors later (hook patches write into them in place) must not reach the model.
+    before = [t.clone() for t in ours]
+    for value in state.values():
+        if value.is_floating_point():
+            value.add_(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(ours, before))
+
+
+# --- refusals ----------------------------------------------------------------------------------------
+
+class GGMLTensor(torch.Tensor):
+    """Stands for a GGUF loader's tensor subclass (ComfyUI-GGUF's has this name)."""
+
+
+def _quantised(state: dict, how: str) -> dict:
+    state = dict(state)
+    key = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    if how == "float8":
+        state[key] = state[key].to(torch.float8_e4m3fn)
+    elif how == "scaled_fp8":  # ComfyUI's scaled fp8: a scale per weight, fp32
+        state[key[: -len("weight")] + "scale_weight"] = torch.tensor(1.0)
+    elif how == "gguf":
+        state[key] = state[key].as_subclass(GGMLTensor)
+    return state
+
+
+@pytest.mark.parametrize("how, message", [
+    ("float8", r"holds float8_e4m3fn weights \('model\.diffusion_model\.input_blocks\.1\.1\..*quantised \(fp8\)"),
+    ("scaled_fp8", r"holds quantisation scales \('.*attn1\.to_q\.scale_weight'\): scaled-fp8"),
+    ("gguf", r"holds quantised tensors \(GGMLTensor at '.*attn1\.to_q\.weight', e\.g\. GGUF\)"),
+])
+def test_quantised_weights_are_refused_in_one_line(tiny, how, message):
+    state = _quantised(tiny["comfy_state"], how)
+    tokenizer = _tokenizer(tiny["tokenizer_dir"], 77)
+    with pytest.raises(ValueError, match=message) as err:
+        model_from_state_dict(state, tokenizer, dtype="fp32", device="cpu", source="comfyui:SD15",
+                              config_dir=tiny["config_dir"])
+    assert str(err.value).startswith("'comfyui:SD15' holds ") and "\n" not in str(err.value)
+
+
+def _keys(*names_and_shapes) -> dict:
+    return {name: torch.zeros(shape) for name, shape in names_and_shapes}
+
+
+_UNET_IN = (UNET_PREFIX + "input_blocks.0.0.weight", (8, 4, 3, 3))
+_VAE_IN = (VAE_PREFIX + "encoder.conv_in.weight", (8, 3, 3, 3))
+OTHER_FAMILIES = {
+    "SDXL": _keys(_UNET_IN, _VAE_IN, (UNET_PREFIX + "label_emb.0.0.weight", (8, 2816)),
+                  (UNET_PREFIX + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", (8, 2048)),
+                  ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight", (4, 8)),
+                  ("conditioner.embedders.1.model.token_embedding.weight", (4, 8))),
+    "SD-2.x": _keys(_UNET_IN, _VAE_IN,
+                    (UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", (8, 1024)),
+                    ("cond_stage_model.model.token_embedding.weight", (4, 8))),
+    "Flux": _keys(_VAE_IN, (UNET_PREFIX + "double_blocks.0.img_attn.qkv.weight", (24, 8)),
+                  (UNET_PREFIX + "single_blocks.0.linear1.weight", (24, 8))),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_other_families_are_refused_by_name(tiny, family):
+    tokenizer = _tokenizer(tiny["tokenizer_dir"], 77)
+    with pytest.raises(ValueError) as err:  # with the shipped SD-1.5 configs, as the node uses them
+        model_from_state_dict(OTHER_FAMILIES[family], tokenizer, dtype="fp32", device="cpu", source="comfyui")
+    assert str(err.value) == f"'comfyui' is {family}, not SD-1.5: only SD-1.5 checkpoints are supported."
+
+
+# --- the node's ComfyUI half, against a real ComfyUI --------------------------------------------------------
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(COMFYUI_PATH, "comfy", "model_patcher.py")),
+                    reason="set COMFYUI_PATH to a ComfyUI checkout to run the node against it")
+def test_node_reads_comfyui_objects_with_patches_baked_in(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", f"import test_comfy_model_bridge as t; t.comfy_adapter_check({str(tmp_path)!r})"],
+        cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "comfy adapter check passed" in result.stdout
+
+
+def _comfy_sized_components(folder: str) -> dict:
+    """Tiny components ComfyUI's own classes can hold: its CLIP has CLIP-L's 49408-token vocabulary and its
+    VAE normalises in groups of 32. The pack's tiny UNet fits as it is."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    components = build_tiny_components(os.path.join(folder, "tokenizer"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        components["vae"] = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                                          norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                                          up_block_types=("UpDecoderBlock2D",) * 4).eval()
+        components["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
+    return components
+
+
+def comfy_adapter_check(folder: str) -> None:
+    """Runs in its own process (see the test above): ComfyUI parses sys.argv and keeps global state."""
+    sys.argv = ["main.py", "--cpu", "--fp32-text-enc"]  # ComfyUI keeps text encoders in fp16 unless told
+    sys.path.insert(0, os.path.abspath(COMFYUI_PATH))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    from comfyui_video_edit.nodes.comfy_model import VE_FromComfyModel, comfy_checkpoint_state
+
+    cpu = torch.device("cpu")
+    components = _comfy_sized_components(folder)
+    config_dir = _write_configs(os.path.join(folder, "configs"), components["unet"], components["vae"],
+                                components["text_encoder"], components["scheduler_config"])
+    original = _comfy_layout(to_ldm_checkpoint(components["unet"], components["vae"], components["text_encoder"]))
+
+    # ComfyUI's objects built from that state, as its checkpoint loader builds them (its model detection
+    # only matches full-size SD-1.5, so the SD15 model config is named here). Its loaders pop the keys they
+    # take, so each gets copies.
+    def part(prefix, strip=""):
+        return {k[len(strip):]: v.clone() for k, v in original.items() if k.startswith(prefix)}
+
+    unet_config = comfy.model_detection.detect_unet_config(original, UNET_PREFIX)
+    config = comfy.supported_models.SD15(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model(original, UNET_PREFIX, device=cpu)
+    base.load_model_weights(part(UNET_PREFIX), UNET_PREFIX)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    clip = comfy.sd.CLIP(config.clip_target(), model_options={"clip_l_model_config": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}})
+    clip.load_sd(config.process_clip_state_dict(part(CLIP_PREFIX)), full_model=True)
+    vae = comfy.sd.VAE(sd=part(VAE_PREFIX, strip=VAE_PREFIX),
+                       config={"params": {"embed_dim": 4, "ddconfig": {
+                           "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                           "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+                           "dropout": 0.0}}})
+
+    # Weight patches the way LoRA loaders and model merges add them (a "diff" per key, with a strength).
+    unet_key = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    diffusers_key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"  # the same layer
+    clip_key = "text_model.encoder.layers.0.mlp.fc1.weight"
+    g = torch.Generator().manual_seed(3)
+    unet_delta = torch.randn(original[UNET_PREFIX + unet_key].shape, generator=g)
+    clip_delta = torch.randn(original[CLIP_PREFIX + clip_key].shape, generator=g)
+    patched_model, patched_clip = model.clone(), clip.clone()
+    patched_model.add_patches({"diffusion_model." + unet_key: (unet_delta,)}, 0.5)
+    patched_clip.add_patches({"clip_l.transformer." + clip_key: (clip_delta,)}, 0.25)
+
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        state, tokenizer, source = comfy_checkpoint_state(patched_model, patched_clip, vae)
+        expected = dict(original)
+        expected[UNET_PREFIX + unet_key] = original[UNET_PREFIX + unet_key] + 0.5 * unet_delta
+        expected[CLIP_PREFIX + clip_key] = original[CLIP_PREFIX + clip_key] + 0.25 * clip_delta
+        ours = {k: v for k, v in state.items() if k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX))}
+        assert ours.keys() == expected.keys(), sorted(set(ours) ^ set(expected))[:5]
+        for key, value in expected.items():
+            assert torch.equal(ours[key], value), key
+        assert source == "comfyui:SD15+2 patched weights"
+        assert tokenizer is clip.tokenizer.clip_l.tokenizer and tokenizer.model_max_length == 8192
+
+        model_ = model_from_state_dict(state, tokenizer, dtype="fp32", device="cpu", source=source,
+                                       config_dir=config_dir)
+        assert torch.equal(model_.unet.state_dict()[diffusers_key], expected[UNET_PREFIX + unet_key])
+        assert tokenizer.model_max_length == 8192 and model_.tokenizer.model_max_length == 77
+        # ComfyUI's objects: patch lists as they were; the plain MODEL, loaded again, has its weights back.
+        assert len(patched_model.patches) == 1 and not model.patches and len(patched_clip.patcher.patches) == 1
+        comfy.model_management.load_models_gpu([model, clip.patcher])
+        assert torch.equal(comfy.utils.get_attr(base, "diffusion_model." + unet_key), original[UNET_PREFIX + unet_key])
+        assert torch.equal(model_.unet.state_dict()[diffusers_key], expected[UNET_PREFIX + unet_key])
+
+        # The whole node, with its shipped SD-1.5 configs: the tiny model is refused by the engine, by width.
+        try:
+            VE_FromComfyModel().convert(patched_model, patched_clip, vae, "fp32", "cpu")
+            raise AssertionError("the tiny model passed the SD-1.5 checks")
+        except ValueError as err:
+            assert "expects text features of width [32], not SD-1.5's 768" in str(err), err
+        # Refusals by name in the node's ComfyUI half.
+        skipped = clip.clone()
+        skipped.clip_layer(-2)
+        sampling = model.clone()
+        sampling.add_object_patch("model_sampling", object())
+        pix2pix = comfy.supported_models.SD15_instructpix2pix(unet_config)
+        other = comfy.model_patcher.ModelPatcher(pix2pix.get_model({}, device=cpu), load_device=cpu, offload_device=cpu)
+        for args, message in (((model, skipped, vae), "CLIP Set Last Layer (-2) is not supported"),
+                              ((sampling, clip, vae), "carries object patch 'model_sampling'"),
+                              ((other, clip, vae), "the MODEL is ComfyUI's 'SD15_instructpix2pix', not SD-1.x")):
+            try:
+                comfy_checkpoint_state(*args)
+                raise AssertionError(f"not refused: {message}")
+            except ValueError as err:
+                assert message in str(err), err
+    print("comfy adapter check passed")
