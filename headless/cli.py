@@ -4,19 +4,23 @@
                                  [--seed N] [--output-dir DIR] [--debug]
     video-edit nodes
 
-Exit codes: 0 done, 1 workflow / validation / execution error, 2 command-line usage error.
+Exit codes (also in `video-edit --help`): see EXIT_CODES.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
+import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Any
 
+from . import batch  # `video-edit batch` (Ray); batch.py imports this module too, by module
 from .convert import ConversionError, detect_format, read_json, to_api_prompt
 from .execute import NodeExecutionError, OverrideSyntaxError, RunResult, WorkflowError, apply_overrides, execute
 from .object_info import object_info
@@ -32,8 +36,23 @@ SHORTCUTS: dict[str, list[tuple[str, str]]] = {
 }
 
 
+# Kept as they were before 130 was added (scripts test them): a workflow that cannot run is 1, like one that
+# fails while running, because both are "this workflow, as given, did not produce its outputs".
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    done: every output was written
+  {EXIT_FAILED}    the workflow cannot run (a node, input or link is invalid: checked before anything runs) or a
+       node failed while running
+  {EXIT_USAGE}    command-line usage error: unknown option, bad --set syntax, unusable --output-dir
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C): nothing half-written is left under an output's name"""
+
+
 class NodePackError(RuntimeError):
     """The node pack (or its output-folder bridge) cannot be imported."""
+
+
+class OutputDirError(ValueError):
+    """--output-dir names a folder that cannot be created or written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Python module exporting NODE_CLASS_MAPPINGS (default: this pack)")
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
-    parser = argparse.ArgumentParser(prog="video-edit", description="Run ComfyUI workflow files headless.")
+    parser = argparse.ArgumentParser(prog="video-edit", description="Run ComfyUI workflow files headless.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("run", parents=[common], help="run a workflow (UI or API JSON)")
+    run = commands.add_parser("run", parents=[common], help="run a workflow (UI or API JSON)",
+                              epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("workflow", help="workflow JSON: saved from the canvas, exported in API format, "
                                       "or a /prompt request body")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="ID.input=VALUE",
@@ -53,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--video", help="input video for every Load Video node")
     run.add_argument("--prompt", help="prompt for every sampler node")
     run.add_argument("--seed", type=int, help="seed for every sampler node")
-    run.add_argument("--output-dir", help="folder the output nodes write to")
+    run.add_argument("--output-dir", help="folder the output nodes write to (created if needed; checked for "
+                                          "writing before anything runs)")
     run.add_argument("--consistency", action="store_true",
                      help="print each output's temporal warp error under the source clip's optical flow")
     commands.add_parser("nodes", parents=[common], help="list the node types this runner knows")
@@ -61,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="turn an API-format workflow into a canvas (UI) workflow ComfyUI can load")
     to_ui.add_argument("workflow", help="API-format workflow JSON (or a /prompt body)")
     to_ui.add_argument("output", help="UI workflow file to write (never overwritten)")
+    batch.add_batch_parser(commands, common)
     return parser
 
 
@@ -94,6 +117,25 @@ def apply_shortcuts(prompt: dict, values: dict[str, Any]) -> dict:
     return updated
 
 
+def check_output_directory(path: str) -> None:
+    """Create `path` if needed and write a probe file in it: found before the pack loads, not after sampling.
+
+    The file system is asked directly (permission bits mean nothing for root, a read-only mount or a full
+    disk). Written here rather than borrowed from the pack: the runner works over any node pack.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".video_edit_probe_{os.getpid()}")
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise OutputDirError(f"--output-dir {path}: a file is in the way of the folder ({exc.filename or path}): "
+                             "choose another folder, or move the file") from exc
+    except OSError as exc:
+        raise OutputDirError(f"--output-dir {path}: cannot write there ({exc.strerror or type(exc).__name__}): "
+                             "choose a folder you can write to") from exc
+
+
 def set_output_directory(path: str) -> None:
     try:
         bridge = importlib.import_module(BRIDGE_MODULE)
@@ -123,6 +165,8 @@ def written_files(result: RunResult) -> list[str]:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.output_dir:
+        check_output_directory(os.path.abspath(args.output_dir))
     mappings, display_names = load_node_pack(args.nodes)
     data = read_json(args.workflow)
     prompt = to_api_prompt(data, lambda: object_info(mappings, display_names))
@@ -199,27 +243,88 @@ def _report(exc: BaseException, debug: bool) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+class _BesideProgressBars(logging.StreamHandler):
+    """Writes each record on a line of its own: a progress bar (tqdm) on the line is cleared first, redrawn after."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # no bars to step around
+            super().emit(record)
+            return
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
+
+
+def _warning_handler() -> logging.Handler | None:
+    """A handler printing warnings ("warning: ...", one line) while a command runs; None if one exists already.
+
+    Nodes report what they recover from (a truncated video, a prompt cut at 77 tokens) with `logging`, which
+    ComfyUI shows in its console; headless, Python would print them bare, or not at all once logging is set up.
+    """
+    root = logging.getLogger()
+    if any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.__stderr__)
+           for h in root.handlers):
+        return None
+    handler = _BesideProgressBars(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_OneLine())
+    root.addHandler(handler)
+    return handler
+
+
+def _end_process(code: int) -> None:
+    """Exit now, skipping the interpreter's teardown of torch & co. (seconds) after an interrupt.
+
+    Cleanups already ran while the interrupt unwound (partial outputs removed); atexit callbacks (temporary
+    folders' finalizers) run here; then only freeing memory is skipped, which the OS does anyway.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn into a traceback now
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `video-edit` command; `argv` None means the process's own command line (it may then end the process)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed its usage message
-        return exit_.code if isinstance(exit_.code, int) else 2
-    command = {"run": run_command, "to-ui": to_ui_command, "nodes": nodes_command}[args.command]
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    command = {"run": run_command, "to-ui": to_ui_command, "nodes": nodes_command,
+               "batch": batch.batch_command}[args.command]
+    handler = _warning_handler()
     try:
         return command(args)
-    except OverrideSyntaxError as exc:
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)  # after a newline: a progress bar may hold the line
+        if argv is None:
+            _end_process(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
+    except (OverrideSyntaxError, OutputDirError) as exc:
         _report(exc, args.debug)
-        return 2
+        return EXIT_USAGE
     except (ConversionError, WorkflowError, NodeExecutionError, NodePackError) as exc:
         _report(exc, args.debug)
-        return 1
+        return EXIT_FAILED
     except Exception as exc:  # a bug, not a workflow problem: still one line unless --debug
         if args.debug:
             traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
         print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ by the real frontend, in `tests/fixtures/workflow_vectors/README.md`:
   never sent;
 - links are resolved by link id through Reroutes, bypassed nodes and subgraphs; PrimitiveNodes
   push their value into the widgets they feed;
-- muted and bypassed nodes are not emitted, and a last pass drops links to nodes not emitted.
+- muted and bypassed nodes are not emitted, and a last pass drops links to nodes not emitted;
+- unlike the frontend, a link from a node that is not in the file at all is an error (the frontend drops it,
+  and a sampler whose images input vanished samples from noise without a word).
 """
 
 from __future__ import annotations
@@ -249,6 +251,14 @@ def _bypass_input_index(node: dict, slot: int, want_type: Any) -> int:
     return -1
 
 
+class _DanglingLink(Exception):
+    """A link whose origin node is not in the file; reported for the input that uses it."""
+
+    def __init__(self, origin_id: str):
+        super().__init__(origin_id)
+        self.origin_id = origin_id
+
+
 class _Converter:
     def __init__(self, workflow: dict, object_info: dict):
         self.object_info = object_info
@@ -295,7 +305,14 @@ class _Converter:
         for inp in node.get("inputs") or []:
             if inp.get("link") is None:
                 continue
-            resolved = self._resolve_link(scope, inp["link"], inp.get("type"), set())
+            try:
+                resolved = self._resolve_link(scope, inp["link"], inp.get("type"), set())
+            except _DanglingLink as dangling:
+                title = node.get("title") or info.get("display_name") or node.get("type")
+                raise ConversionError(
+                    f"node {scope.prefix}{node['id']} ({title}) input '{inp.get('name')}' is linked to node "
+                    f"{dangling.origin_id}, which is not in the file: reconnect the input to an "
+                    "existing node, or remove the link") from None
             if isinstance(resolved, _Constant):
                 widget_name = (inp.get("widget") or {}).get("name") or inp.get("name")
                 inputs[widget_name] = _wrap(resolved.value)
@@ -323,7 +340,9 @@ class _Converter:
             return self._resolve_link(scope.parent, outer["link"], outer.get("type"), seen)
         origin = scope.nodes.get(link.origin_id)
         if origin is None:
-            return None
+            # Muted/bypassed origins are in the file and handled above; an origin missing altogether (an edited
+            # or damaged file) would silently drop the input, so it is refused (as the API form of it is).
+            raise _DanglingLink(scope.prefix + link.origin_id)
         return self._resolve_output(scope, origin, link.origin_slot, want_type, seen)
 
     def _resolve_output(self, scope: _Scope, node: dict, slot: int, want_type: Any, seen: set):

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterable
@@ -152,11 +153,39 @@ def _choices_text(choices: list) -> str:
 
 
 def convert_constant(value: Any, input_type: Any) -> Any:
-    """Unwrap `{"__value__": ...}` and cast widget values as ComfyUI does (may raise)."""
+    """Unwrap `{"__value__": ...}` and cast widget values as ComfyUI does (may raise).
+
+    A number given to a combo of strings (`--set 1.multiple_of=64`, read as JSON) becomes the string it
+    spells when that is a choice: ComfyUI's frontend always sends the choice's own string.
+    """
     if isinstance(value, dict) and "__value__" in value:
         value = value["__value__"]
+    if isinstance(input_type, (list, tuple)):
+        if value not in input_type and not isinstance(value, str) and str(value) in input_type:
+            return str(value)
+        return value
     cast = PRIMITIVE_CASTS.get(input_type) if isinstance(input_type, str) else None
     return cast(value) if cast else value
+
+
+def _output_types(class_mappings: dict) -> set[str]:
+    """Every type some node of the mapping outputs: inputs of these types travel by link only."""
+    found = set()
+    for cls in class_mappings.values():
+        for output in getattr(cls, "RETURN_TYPES", ()) or ():
+            if isinstance(output, str):
+                found.update(t.strip() for t in output.split(","))
+    return found
+
+
+def _socket_only(input_type: Any, output_types: set[str]) -> bool:
+    """An input that takes a link and never a value: a data type (VE_MODEL, IMAGE, ...) that nodes output.
+
+    Widget types that no node outputs (core's WEBCAM, AUDIO_RECORD) do take values, so they are left alone.
+    """
+    if not isinstance(input_type, str) or input_type in PRIMITIVE_CASTS or input_type in ("COMBO", "*", ""):
+        return False
+    return any(t.strip() in output_types for t in input_type.split(","))
 
 
 def _check_link(prompt, class_mappings, node_id, class_type, name, value, expected, check_type):
@@ -192,11 +221,18 @@ def _check_link(prompt, class_mappings, node_id, class_type, name, value, expect
 def _check_constant(node_id, class_type, name, value, input_type, options, builtin_checks):
     """(converted value, problems) for a constant input."""
     error = partial(ValidationError, node_id, class_type, name)
+    expected = {"INT": "a whole number", "FLOAT": "a number", "STRING": "text", "BOOLEAN": "true or false"}
     try:
         value = convert_constant(value, input_type)
-    except (TypeError, ValueError):
-        expected = {"INT": "a whole number", "FLOAT": "a number", "STRING": "text", "BOOLEAN": "true or false"}
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         return value, [error(f"{value!r} is not a valid {input_type}: give {expected[input_type]}",
+                             "invalid_input_type")]
+    if input_type == "FLOAT" and not math.isfinite(value):
+        # ComfyUI lets NaN through (every comparison with NaN is False, so min/max never fire) and inf wherever
+        # there is no max; a NaN cfg then samples an all-black video. Refused whether or not the node checks itself.
+        return value, [error(f"{value} is not a finite number: give {expected[input_type]}"
+                             + (f" between {options['min']} and {options['max']}"
+                                if "min" in options and "max" in options else ""),
                              "invalid_input_type")]
     if not builtin_checks:
         return value, []
@@ -275,6 +311,7 @@ def validate_node(prompt: dict, node_id: str, class_mappings: dict) -> list[Vali
     problems += _undeclared_links(cls, node_id, class_type, inputs, {**required, **optional})
     constants: dict[str, Any] = {}
     received: dict[str, Any] = {}
+    output_types = _output_types(class_mappings)
     for section, specs in (("required", required), ("optional", optional)):
         for name, spec in specs.items():
             if name not in inputs:
@@ -292,6 +329,15 @@ def validate_node(prompt: dict, node_id: str, class_mappings: dict) -> list[Vali
                 problems += [problem] if problem else []
                 received[name] = received_type
                 constants[name] = None  # like ComfyUI, checks see linked inputs as None
+                continue
+            if _socket_only(input_type, output_types):
+                if value is None and section == "optional":
+                    constants[name] = None  # an explicit null reads as "not connected", as in ComfyUI
+                    continue
+                problems.append(ValidationError(
+                    node_id, class_type, name,
+                    f"needs a link from a {input_type} output, not a value ({value!r}): connect a node's "
+                    f"{input_type} output to it", "invalid_input_type"))
                 continue
             builtin_checks = not takes_kwargs and name not in names
             constants[name], found = _check_constant(
@@ -352,10 +398,11 @@ def validate(prompt: dict, class_mappings: dict, outputs: Iterable[str] | None =
 
 
 def _raise_if_invalid(problems: list[ValidationError]) -> None:
+    if len(problems) == 1:  # the usual case: one line that names the node, the input and the fix
+        raise WorkflowError(f"the workflow is not valid: {problems[0]}", problems)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
-        count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
-        raise WorkflowError(f"the workflow is not valid ({count}):\n{lines}", problems)
+        raise WorkflowError(f"the workflow is not valid ({len(problems)} problems):\n{lines}", problems)
 
 
 # --- running -------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge, comfy_video
-from ..pipelines_core.video_encode import encode_video, format_spec, list_formats
+from ..pipelines_core.video_encode import check_writable, encode_video, format_spec, list_formats, output_folder
 
 
 class VE_VideoEncode:
@@ -46,12 +46,34 @@ class VE_VideoEncode:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        """Refuse a prefix or an output folder that cannot be written now, before any sampling runs."""
+        if filename_prefix is None:  # linked: known only when the graph runs
+            return True
+        root = comfy_bridge.output_directory()
+        try:
+            folder = output_folder(root, filename_prefix)
+        except ValueError as err:  # absolute paths, '..', a trailing '/': the message names the input
+            return str(err)
+        try:
+            check_writable(folder)
+        except (FileExistsError, NotADirectoryError) as err:
+            return (f"filename_prefix {filename_prefix!r}: the output folder {folder} cannot be made, a file is in "
+                    f"the way ({err.filename or folder}): move that file or choose another filename_prefix.")
+        except OSError as err:
+            return (f"filename_prefix {filename_prefix!r}: cannot write to the output folder {folder} "
+                    f"({err.strerror or type(err).__name__}): make it writable, or choose another output folder "
+                    "(ComfyUI's --output-directory, video-edit's --output-dir).")
+        return True
+
     def encode(self, frames, fps, format, quality, filename_prefix, audio=None, video_info=None):
         if fps <= 0:
             fps = float(video_info["fps"]) if video_info else 8.0
         root = comfy_bridge.output_directory()
         path = encode_video(frames, root, filename_prefix, fps, format=format,
-                            quality=None if quality < 0 else quality, audio=audio)
+                            quality=None if quality < 0 else quality, audio=audio,
+                            progress=comfy_bridge.progress("Video Encode"))
         rel = os.path.relpath(path, root)
         subfolder, filename = os.path.split(rel)
         preview = {"filename": filename, "subfolder": subfolder, "type": "output"}

@@ -97,11 +97,36 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"'{path}' is not a checkpoint file: expected one of {', '.join(CHECKPOINT_SUFFIXES)}.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint '{path}' does not exist: check the path in the Load Model node.")
+    # Imported here: this function alone turns the readers' raw errors into one line naming the file.
+    import pickle
+    import re
+    import zipfile
+
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path, device="cpu")
+        except SafetensorError as err:  # "header too large", "incomplete metadata": a damaged or foreign file
+            raise ValueError(f"'{path}' is not a valid checkpoint ({err}): re-download it or choose another "
+                             "file.") from err
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message advises weights_only=False, i.e. running the file's code: never pass that on. The
+        # type stays UnpicklingError (callers catch it); only the message is replaced.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise pickle.UnpicklingError(
+                f"'{path}' is not a plain weights file: it holds the Python object {found.group(1)}, which is "
+                "refused because loading it could run code; use the model's .safetensors file instead.") from err
+        raise pickle.UnpicklingError(f"'{path}' is not a valid checkpoint (not PyTorch weights, or damaged): "
+                                     "re-download it or choose another file.") from err
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError,
+            UnicodeDecodeError, zipfile.BadZipFile) as err:  # what torch.load raises on text, cut or foreign files
+        raise ValueError(f"'{path}' is not a valid checkpoint (not PyTorch weights, or damaged: "
+                         f"{type(err).__name__}): re-download it or choose another file.") from err
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # Lightning wraps it
         state = state["state_dict"]
     return state

@@ -175,6 +175,19 @@ def encode_prompt(model: VEModel, prompt: str) -> torch.Tensor:
     tok = model.tokenizer(
         prompt, padding="max_length", max_length=model.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
+    # CLIP reads 77 tokens; the rest is cut. Say so, as diffusers' pipelines do, rather than drop words unseen.
+    full = model.tokenizer(prompt, truncation=False, verbose=False).input_ids  # verbose=False: no 2nd warning
+    limit = model.tokenizer.model_max_length
+    if len(full) > limit:
+        import logging
+
+        def short(text: str) -> str:  # one readable line, however long the prompt
+            return text if len(text) <= 60 else text[:57] + "..."
+
+        dropped = model.tokenizer.decode(full[limit - 1:-1])  # the text between the kept part and the end token
+        logging.getLogger(__name__).warning(
+            "prompt %r is %d tokens long and the text encoder reads %d: the last %d are dropped (%r); shorten it.",
+            short(prompt), len(full), limit, len(full) - limit, short(dropped))
     mask = None
     if getattr(model.text_encoder.config, "use_attention_mask", False):
         mask = tok.attention_mask.to(model.device)

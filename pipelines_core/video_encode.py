@@ -5,18 +5,23 @@ Output formats are data: one JSON file per format in ``video_formats/``. Keys:
 ``codec`` (PyAV encoder name), ``pix_fmt``, optional ``codec_tag`` and ``colorspace`` ("bt709"),
 ``codec_options``, ``quality`` (null, or ``{"option", "default", "min", "max", "better"}``: the
 number is passed as that codec option), ``audio_codec`` (null = no audio), optional
-``audio_bitrate``, and ``image_sequence`` (true = a folder of one file per frame).
-Adding a format is adding a file.
+``audio_bitrate`` (for stereo; scaled by channels / 2 for surround), and ``image_sequence``
+(true = a folder of one file per frame). Adding a format is adding a file.
+
+Nothing is ever half-written under an output's name: the numbered name is reserved first (an empty file or
+folder, created exclusively), the output is written beside it as ``.<name>.part`` and renamed onto the
+reserved name only when complete; on an error or an interrupt both are removed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from fractions import Fraction
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 import numpy as np
@@ -24,9 +29,11 @@ import torch
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
 FORMATS_DIR = Path(__file__).with_name("video_formats")
 _REQUIRED_KEYS = ("extension", "codec", "pix_fmt", "quality", "audio_codec", "image_sequence")
-# Channel count -> FFmpeg layout name for the AUDIO waveform; the encoder gets mono or stereo.
+# Channel count -> FFmpeg layout name for the AUDIO waveform (and for the encoder, when its codec takes it).
 _LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1"}
 
 
@@ -64,6 +71,25 @@ def _codec_options(spec: dict, quality: float | None) -> dict[str, str]:
     return options
 
 
+def output_folder(directory: str | os.PathLike, filename_prefix: str) -> Path:
+    """The folder ``filename_prefix`` writes into under ``directory`` (raises ValueError for a bad prefix)."""
+    sub, _ = _split_prefix(filename_prefix)
+    return Path(directory) / sub
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` if needed and write (then remove) a probe file in it; raise OSError if that fails.
+
+    Asking the file system is the only reliable test: permission bits say nothing for root, a read-only mount or
+    a full disk, and os.access is wrong on network shares.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write_probe_{os.getpid()}_{id(folder):x}"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    probe.unlink()
+
+
 def _split_prefix(filename_prefix: str) -> tuple[Path, str]:
     """('edits/clip') -> (Path('edits'), 'clip'); refuses absolute paths and '..'."""
     text = filename_prefix.replace("\\", "/").strip()
@@ -83,6 +109,7 @@ def reserve_output_path(directory: str | os.PathLike, filename_prefix: str, exte
 
     The number follows the highest one already used by this prefix, so nothing is overwritten and
     outputs sort in the order they were made. Creation is exclusive, so two writers never share a path.
+    What is created is empty: a placeholder that holds the name until the finished output replaces it.
     """
     sub, name = _split_prefix(filename_prefix)
     parent = Path(directory) / sub
@@ -171,19 +198,41 @@ def _fit_waveform(audio: dict, seconds: float) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(np.pad(wave, ((0, 0), (0, total - wave.shape[1]))), np.float32), rate
 
 
+def encoder_layout(codec: str, channels: int, rate: int, sample_fmt: str) -> str:
+    """The waveform's own layout when ``codec`` encodes it, else stereo (mono stays mono), with a warning.
+
+    Asked of the encoder itself (opened once, alone): AAC, Opus and FLAC take 5.1 and 7.1; MP2 and MP3 stop
+    at stereo.
+    """
+    wanted = _LAYOUTS[channels]
+    if channels <= 2:
+        return wanted
+    probe = av.CodecContext.create(codec, "w")
+    probe.rate, probe.layout, probe.format = rate, wanted, sample_fmt
+    try:
+        probe.open()
+    except (av.FFmpegError, ValueError) as err:
+        log.warning("Video Encode: the %s audio encoder cannot write %d channels (%s) (%s): the audio is downmixed "
+                    "to stereo; pick a format whose audio codec keeps them.",
+                    codec, channels, wanted, err)
+        return "stereo"
+    return wanted
+
+
 class _AudioTrack:
     """Feeds a waveform to the format's audio encoder in pieces, so audio and video packets interleave."""
 
     def __init__(self, container, codec: str, bit_rate: int | None, wave: np.ndarray, rate_in: int):
         self.container, self.wave, self.rate_in, self.sent = container, wave, rate_in, 0
         self.layout_in = _LAYOUTS[wave.shape[0]]
-        layout = "mono" if wave.shape[0] == 1 else "stereo"  # more channels are downmixed
         rate = _output_rate(codec, rate_in)
+        sample_fmt = av.Codec(codec, "w").audio_formats[0].name
+        layout = encoder_layout(codec, wave.shape[0], rate, sample_fmt)
         self.stream = container.add_stream(codec, rate=rate)
         self.stream.layout = layout
         if bit_rate:
-            self.stream.bit_rate = int(bit_rate)
-        sample_fmt = av.Codec(codec, "w").audio_formats[0].name
+            # A format's bitrate is for stereo: surround gets as much per channel pair.
+            self.stream.bit_rate = int(bit_rate) * max(2, av.AudioLayout(layout).nb_channels) // 2
         self.resampler = av.AudioResampler(format=sample_fmt, layout=layout, rate=rate)
 
     def _encode(self, frame: av.AudioFrame | None) -> None:
@@ -193,7 +242,9 @@ class _AudioTrack:
     def feed_until(self, seconds: float) -> None:
         end = min(round(seconds * self.rate_in), self.wave.shape[1])
         if end > self.sent:
-            frame = av.AudioFrame.from_ndarray(self.wave[:, self.sent:end], format="fltp", layout=self.layout_in)
+            # Interleaved ("flt"), not planar: PyAV's planar from_ndarray fails for 8 channels (7.1).
+            packed = np.ascontiguousarray(self.wave[:, self.sent:end].T).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(packed, format="flt", layout=self.layout_in)
             frame.sample_rate, frame.pts, frame.time_base = self.rate_in, self.sent, Fraction(1, self.rate_in)
             self._encode(frame)
             self.sent = end
@@ -204,7 +255,8 @@ class _AudioTrack:
         self.container.mux(self.stream.encode(None))
 
 
-def _write_container(path: Path, spec: dict, frames, fps: Fraction, options: dict, audio: dict | None) -> None:
+def _write_container(path: Path, spec: dict, frames, fps: Fraction, options: dict, audio: dict | None,
+                     progress: Callable[[int, int], None] | None = None) -> None:
     n_frames = frames.shape[0]
     with av.open(str(path), "w", format=spec["container"], options=spec.get("container_options", {})) as container:
         stream = container.add_stream(spec["codec"], rate=fps, options=options)
@@ -226,12 +278,15 @@ def _write_container(path: Path, spec: dict, frames, fps: Fraction, options: dic
             container.mux(stream.encode(frame))
             if track:
                 track.feed_until(float((i + 1) / fps))
+            if progress is not None:
+                progress(i + 1, n_frames)  # may raise (ComfyUI's Cancel): the caller removes the partial file
         container.mux(stream.encode(None))
         if track:
             track.finish()
 
 
-def _write_image_sequence(folder: Path, spec: dict, frames, options: dict) -> None:
+def _write_image_sequence(folder: Path, spec: dict, frames, options: dict,
+                          progress: Callable[[int, int], None] | None = None) -> None:
     """One still image per frame, each encoded by the format's codec: frame_00000.<ext>, ..."""
     for i, rgb in enumerate(_uint8_frames(frames)):
         cc = av.CodecContext.create(spec["codec"], "w")
@@ -240,14 +295,19 @@ def _write_image_sequence(folder: Path, spec: dict, frames, options: dict) -> No
         cc.options = options
         packets = cc.encode(_to_video_frame(rgb, spec)) + cc.encode(None)
         (folder / f"frame_{i:05d}.{spec['extension']}").write_bytes(b"".join(bytes(p) for p in packets))
+        if progress is not None:
+            progress(i + 1, frames.shape[0])
 
 
 def encode_video(frames: torch.Tensor, directory: str | os.PathLike, filename_prefix: str, fps: float,
-                 format: str = "h264-mp4", quality: float | None = None, audio: dict | None = None) -> str:
+                 format: str = "h264-mp4", quality: float | None = None, audio: dict | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> str:
     """Write IMAGE frames (F, H, W, 3 in 0..1) as ``<directory>/<prefix>_NNNNN.<ext>``; return the path.
 
     ``fps`` may be fractional (29.97 is written as 2997/100). ``audio`` is a ComfyUI AUDIO dict; it is
-    trimmed or padded to the video's length and dropped for formats without audio.
+    trimmed or padded to the video's length and dropped for formats without audio. ``progress(done, total)``
+    is called after each frame; if it raises (a Cancel), nothing is left behind. The file appears under its
+    final name only once complete (see the module docstring).
     """
     spec = _read_spec(format)
     if not fps or fps <= 0:
@@ -256,22 +316,44 @@ def encode_video(frames: torch.Tensor, directory: str | os.PathLike, filename_pr
     options = _codec_options(spec, quality)
     if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] not in (3, 4):
         raise ValueError(f"frames must be an IMAGE batch (F, H, W, 3) with F >= 1, got shape {tuple(frames.shape)}.")
-    path = reserve_output_path(directory, filename_prefix, spec["extension"], folder=spec["image_sequence"])
+    folder = spec["image_sequence"]
+    path = reserve_output_path(directory, filename_prefix, spec["extension"], folder=folder)
+    # Same folder, so the final rename never crosses file systems (it stays one atomic step); hidden, so the
+    # numbering above never reads it as an output.
+    part = path.with_name(f".{path.name}.part")
     try:
-        if spec["image_sequence"]:
-            _write_image_sequence(path, spec, frames, options)
+        _remove(part)  # a leftover of a killed run under our (reserved, hence unique) number
+        if folder:
+            part.mkdir()
+            _write_image_sequence(part, spec, frames, options, progress)
         else:
-            _write_container(path, spec, frames, rate, options, audio)
-    except BaseException:
-        _remove(path)  # no half-written outputs
+            _write_container(part, spec, frames, rate, options, audio, progress)
+        _commit(part, path, folder)
+    except BaseException:  # also KeyboardInterrupt and ComfyUI's Cancel: no half-written output, name freed
+        for leftover in (part, path):
+            try:
+                _remove(leftover)
+            except OSError as err:  # cleanup must not hide the original error; say what is left
+                log.warning("Video Encode: could not remove %s (%s): delete it by hand.", leftover, err)
         raise
     return str(path)
 
 
+def _commit(part: Path, path: Path, folder: bool) -> None:
+    """Move the finished output onto its reserved (empty) name."""
+    if folder and os.name == "nt":
+        # Windows cannot rename a folder onto an existing one: free the reserved name, then take it. If another
+        # writer takes it in between, rename raises FileExistsError rather than mixing outputs.
+        path.rmdir()
+        os.rename(part, path)
+    else:
+        os.replace(part, path)  # atomic; POSIX rename replaces the empty placeholder file or folder
+
+
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         for child in path.iterdir():
             child.unlink()
         path.rmdir()
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()

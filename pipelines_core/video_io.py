@@ -9,10 +9,11 @@ never sits in memory whole.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = ["load_video", "Clip", "encode_video", "list_formats", "format_spec", 
 
 T = TypeVar("T")
 HALF = Fraction(1, 2)
+log = logging.getLogger(__name__)
 
 
 # ---- which frames: skip -> resample to target fps -> every n-th -> cap --------------------------------
@@ -151,6 +153,8 @@ class _Source:
     frames: Iterator[tuple[Callable[[], np.ndarray], float]]  # (read pixels, time in seconds)
     close: Callable[[], None]
     audio: Callable[[float, float], dict | None]  # (start, end) seconds -> AUDIO, or None if the source has none
+    end_time: float | None = None  # when the video stream ends, as its header says (same clock as frame times)
+    decode_errors: list = field(default_factory=list)  # a decoder error that ended the frames early, if any
 
 
 def _unreadable(name: str, err: Exception) -> ValueError:
@@ -163,13 +167,28 @@ def _rewind(media) -> None:
         media.seek(0)
 
 
-def _pyav_frames(container, stream, fps: Fraction, name: str) -> Iterator[tuple[Callable[[], np.ndarray], float]]:
+def _pyav_frames(container, stream, fps: Fraction, name: str,
+                 errors: list) -> Iterator[tuple[Callable[[], np.ndarray], float]]:
+    i = -1
     try:
         for i, frame in enumerate(container.decode(stream)):
             time = frame.time if frame.time is not None else float(i / fps)
             yield partial(frame.to_ndarray, format="rgb24"), time
     except av.FFmpegError as err:
-        raise _unreadable(name, err) from None
+        if i < 0:
+            raise _unreadable(name, err) from None
+        # Frames were decoded, then the data broke off (a truncated file; whether FFmpeg reports it or just
+        # stops depends on its threading): the frames stand, and load_video reports the error with the count.
+        errors.append(err)
+
+
+def _stream_end(container, stream) -> float | None:
+    """When the video stream ends (seconds, the clock of frame.time), from the header; None if it does not say."""
+    if stream.duration and stream.time_base:
+        return float((stream.start_time or 0) * stream.time_base + stream.duration * stream.time_base)
+    if container.duration:
+        return ((container.start_time or 0) + container.duration) / av.time_base
+    return None
 
 
 def _pyav_rate(container, stream) -> Fraction:
@@ -223,9 +242,10 @@ def _media_source(media, name: str, path: str | None) -> _Source:
     stream.thread_type = "AUTO"
     fps = _pyav_rate(container, stream)
     estimate = stream.frames or (round(container.duration / av.time_base * fps) if container.duration else None)
+    errors: list = []
     return _Source(name, path, fps, stream.width, stream.height, stream.frames or None, estimate,
-                   _pyav_frames(container, stream, fps, name), container.close,
-                   lambda start, end: load_audio(media, start, end))
+                   _pyav_frames(container, stream, fps, name, errors), container.close,
+                   lambda start, end: load_audio(media, start, end), _stream_end(container, stream), errors)
 
 
 # ---- image folders -------------------------------------------------------------------------------------
@@ -432,20 +452,29 @@ def load_audio(media, start: float, end: float) -> dict | None:
         rate, channels = stream.rate, stream.channels
         first, last = round(start * rate), round(end * rate)
         out = np.zeros((channels, max(0, last - first)), np.float32)
-        to_float = av.AudioResampler(format="fltp", layout=stream.layout, rate=rate)
+        # Interleaved ("flt"), not planar: PyAV crashes converting planar 7.1 (8 planes) to an array.
+        to_float = av.AudioResampler(format="flt", layout=stream.layout, rate=rate)
         cursor = None  # absolute sample index of the next decoded sample
-        for frame in container.decode(stream):
-            if cursor is None:
-                # Only the first timestamp places the audio; after it samples run on contiguously, because
-                # containers such as Matroska round timestamps to 1 ms (tens of samples).
-                cursor = round(frame.time * rate) if frame.time is not None else 0
-            if cursor >= last:
-                break
-            chunk = np.concatenate([f.to_ndarray() for f in to_float.resample(frame)], axis=1)
-            lo, hi = max(cursor, first), min(cursor + chunk.shape[1], last)
-            if hi > lo:
-                out[:, lo - first:hi - first] = chunk[:, lo - cursor:hi - cursor]
-            cursor += chunk.shape[1]
+        try:
+            for frame in container.decode(stream):
+                if cursor is None:
+                    # Only the first timestamp places the audio; after it samples run on contiguously, because
+                    # containers such as Matroska round timestamps to 1 ms (tens of samples).
+                    cursor = round(frame.time * rate) if frame.time is not None else 0
+                if cursor >= last:
+                    break
+                packed = [f.to_ndarray().reshape(-1, channels) for f in to_float.resample(frame)]
+                chunk = np.concatenate(packed, axis=0).T if packed else np.zeros((channels, 0), np.float32)
+                lo, hi = max(cursor, first), min(cursor + chunk.shape[1], last)
+                if hi > lo:
+                    out[:, lo - first:hi - first] = chunk[:, lo - cursor:hi - cursor]
+                cursor += chunk.shape[1]
+        except av.FFmpegError as err:
+            # A truncated file ends mid-packet: keep the audio decoded so far (the frames are kept too).
+            name = getattr(media, "name", None) if hasattr(media, "read") else media
+            name = os.path.basename(name) if isinstance(name, (str, os.PathLike)) else "the video stream"
+            log.warning("Load Video: the audio of %s breaks off after %.2f s (%s): the rest of the clip is silent; "
+                        "re-export or re-copy the file.", name, (cursor or 0) / rate, err)
     return {"waveform": torch.from_numpy(out).unsqueeze(0), "sample_rate": int(rate)}
 
 
@@ -466,7 +495,7 @@ class _Counting:
     """Wraps an iterator, counting what it yields and noting when it runs out."""
 
     def __init__(self, items: Iterator[T]):
-        self.items, self.count, self.exhausted = items, 0, False
+        self.items, self.count, self.exhausted, self.last = items, 0, False, None
 
     def __iter__(self):
         return self
@@ -478,6 +507,7 @@ class _Counting:
             self.exhausted = True
             raise
         self.count += 1
+        self.last = item
         return item
 
 
@@ -527,6 +557,7 @@ def load_video(source, frame_cap: int = 0, skip_first: int = 0, every_nth: int =
     decoded = _Counting(source.frames)
     kept: list[np.ndarray] = []
     start_time = 0.0
+    first_index = 0  # source index of the first kept frame
     try:
         ratio = _rate_ratio(target_fps, source.fps)
         out = output_size(source.width, source.height, width, height, multiple_of)
@@ -534,7 +565,9 @@ def load_video(source, frame_cap: int = 0, skip_first: int = 0, every_nth: int =
         total = _estimated_total(source, skip_first, ratio, every_nth, frame_cap)
         last_read = fitted = None
         for read, time in select_frames(decoded, skip_first, ratio, every_nth, frame_cap):
-            start_time = time if not kept else start_time
+            if not kept:
+                # select_frames yields each item before pulling the next, so the count locates this frame.
+                start_time, first_index = time, decoded.count - 1
             if read is not last_read:  # a frame repeated by fps upsampling is read and resized once
                 fitted, last_read = fit_frame(read(), scaled, out, fit), read
             kept.append(fitted)
@@ -542,12 +575,16 @@ def load_video(source, frame_cap: int = 0, skip_first: int = 0, every_nth: int =
                 progress(len(kept), max(total, len(kept)))
     finally:
         source.close()
-    source_count = source.frame_count or (decoded.count if decoded.exhausted else None)
+    if progress is not None and kept and len(kept) < total:
+        progress(len(kept), len(kept))  # the clip ended before the estimate: the bar ends here, not at 82 %
+    _warn_if_cut_short(source, decoded)
+    # What the source really holds once decoded to its end (a truncated file holds less than its header says).
+    source_count = decoded.count if decoded.exhausted else source.frame_count
     if not kept:
         raise ValueError(f"No frames selected from {source.name} ({decoded.count} frames, skip_first={skip_first}): "
                          "lower skip_first or frame selection settings.")
 
-    out_fps = source.fps * ratio / every_nth
+    out_fps = _output_fps(source.fps * ratio / every_nth, len(kept), source_count, first_index, source.fps)
     duration = float(len(kept) / out_fps)
     info = {
         "fps": float(out_fps), "source_fps": float(source.fps),
@@ -556,3 +593,49 @@ def load_video(source, frame_cap: int = 0, skip_first: int = 0, every_nth: int =
     }
     audio = source.audio(start_time, start_time + duration)
     return _to_image(kept), info, audio
+
+
+def _output_fps(nominal: Fraction, kept: int, source_count: int | None, first_index: int,
+                source_fps: Fraction) -> Fraction:
+    """The kept frames' rate: ``nominal`` (source fps x resampling / every_nth), unless the last kept frame's
+    interval would run past the end of the source.
+
+    Every kept frame stands for ``every_nth`` resampled frames, so the output plays in real time at ``nominal``;
+    but the last one may stand for fewer, because the clip ends first. Left alone, ``every_nth`` 1000 on a 24-frame
+    clip gave one frame lasting 83 s (and 83 s of audio, mostly silence). So the kept frames are fitted to the
+    span they come from, from the first kept frame to the end of the source: the rate rises just enough (2.4 ->
+    2.5 fps for every 5th of 24 frames at 12 fps), and frames / fps stays the duration the audio is cut to.
+    """
+    if source_count is None:  # end unknown (stopped early on a file that does not say its length)
+        return nominal
+    span = Fraction(source_count - first_index) / source_fps
+    if span <= 0 or kept / nominal <= span:
+        return nominal
+    return kept / span
+
+
+def _warn_if_cut_short(source: _Source, decoded: _Counting) -> None:
+    """A decode that ends before the container says the video does is a truncated or damaged file: say so, with
+    how many frames were there (they are still used).
+
+    A frame count alone is not proof: FFmpeg counts frames that an edit list then drops (clips trimmed without
+    re-encoding), so when the header also gives the stream's end time, the last frame must fall short of it too.
+    """
+    if not decoded.exhausted or decoded.count == 0:
+        return
+    step = 1 / float(source.fps)
+    last_time = decoded.last[1]
+    short_in_time = source.end_time is None or last_time + 2 * step < source.end_time  # over one frame missing
+    announced = source.frame_count
+    error = f": decoding failed ({source.decode_errors[0]})" if source.decode_errors else ""
+    if announced and decoded.count < announced and short_in_time:
+        got = f"after {decoded.count} of the {announced} frames its container announces"
+    elif announced is None and source.end_time is not None and short_in_time:
+        got = (f"after {decoded.count} frames, at {last_time + step:.2f} s of the {source.end_time:.2f} s its "
+               "container announces")
+    elif error:
+        got = f"after {decoded.count} frames"
+    else:
+        return
+    log.warning("Load Video: %s ended %s (the file is truncated or damaged%s): the clip is shorter than expected; "
+                "re-export or re-copy the file.", source.name, got, error)
