@@ -77,16 +77,23 @@ class VE_CrossFrameSampler:
                                   "tooltip": "Width to generate when no images are connected (multiple of 8)."}),
                 "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
                                    "tooltip": "Height to generate when no images are connected (multiple of 8)."}),
+                # Last on purpose: saved workflows store widget values by position, so a new widget goes at the end.
+                "chunk_overlap": ("INT", {"default": 0, "min": 0, "max": 255,
+                                          "tooltip": "Seamless chunks: frames shared by neighbouring chunks; "
+                                                     "their predictions are blended at every step, so no "
+                                                     "neighbouring frames are split between separately denoised "
+                                                     "chunks (more overlap, more UNet calls). 0: chunks back to "
+                                                     "back. Less than chunk_size; not with an injection."}),
             },
         }
 
     def sample(self, model, prompt, negative_prompt, seed, steps, cfg, scheduler, strength, noise, attention,
                attention_layers, chunk_size, images=None, inversion=None, injection=None, control=None, temporal=None,
-               latent=None, mask=None, frame_count=8, width=512, height=512):
+               latent=None, mask=None, frame_count=8, width=512, height=512, chunk_overlap=0):
         settings = SamplerSettings(
             prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
             strength=strength, noise=noise, attention=attention, attention_layers=attention_layers,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size, chunk_overlap=chunk_overlap,
         )
         generating = images is None and latent is None and inversion is None and injection is None
         if generating and (width % 8 or height % 8):

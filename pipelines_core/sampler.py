@@ -47,6 +47,7 @@ class SamplerSettings:
     attention: str = "first+previous"
     attention_layers: str = "all"  # "all" self-attention layers, or only the "decoder" (up blocks; Rerender)
     chunk_size: int = 8  # frames denoised together; the anchor frame joins every chunk
+    chunk_overlap: int = 0  # > 0: overlapping windows whose noise predictions are blended (seamless chunks)
 
     def check(self, frame_count: int, from_images: bool) -> None:
         """Every setting checked before the first step; messages say what to change."""
@@ -61,6 +62,9 @@ class SamplerSettings:
             raise ValueError(f"unknown attention_layers {self.attention_layers!r}; choose one of {', '.join(ATTENTION_LAYERS)}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1 (got {self.chunk_size})")
+        if not 0 <= self.chunk_overlap < self.chunk_size:
+            raise ValueError(f"chunk_overlap must be from 0 to chunk_size - 1 = {self.chunk_size - 1} "
+                             f"(got {self.chunk_overlap}); lower chunk_overlap or raise chunk_size")
         if frame_count < 1:
             raise ValueError("no frames to sample")
         if from_images:
@@ -109,24 +113,69 @@ def denoise_loop(
 
 @dataclass(frozen=True)
 class Chunk:
-    """Frames denoised in one model call: `frames` in batch order; outputs of `keep` positions are used."""
+    """Frames denoised in one model call: `frames` in batch order; outputs of `keep` positions are used,
+    each scaled by its entry in `weights` (a kept frame's weights over all chunks sum to 1)."""
 
     frames: tuple
     keep: tuple
+    weights: tuple = ()  # one per `keep` position; empty: every kept output counts fully (weight 1)
 
 
-def plan_chunks(frame_count: int, chunk_size: int, rule_name: str) -> list[Chunk]:
+def window_starts(frame_count: int, chunk_size: int, chunk_overlap: int = 0) -> list[int]:
+    """First frame of each chunk's own frames.
+
+    Overlap 0: back-to-back chunks, the last one possibly shorter (the anchor chunks the sampler always
+    had, kept as they were so that existing edits do not change). Overlap > 0: windows of `chunk_size`
+    frames every `chunk_size - chunk_overlap` frames, the last one moved back to end at the last frame,
+    so that no window is short (a short window would see fewer neighbours than the ones it blends with).
+    """
+    if chunk_overlap == 0:
+        return list(range(0, frame_count, chunk_size))
+    last = max(frame_count - chunk_size, 0)
+    return list(range(0, last, chunk_size - chunk_overlap)) + [last]
+
+
+def blend_weights(windows: Sequence[range], frame_count: int, chunk_overlap: int) -> list[tuple]:
+    """Per window, the weight of each of its own frames in the blend of the windows' noise predictions.
+
+    MultiDiffusion's per-step solution is the average of the windows' predictions. Averaging uniformly
+    would switch a frame from a half-and-half mix to one window alone where an overlap ends, which is
+    itself a small jump; and a window's edge frames are the ones with neighbours on one side only, so
+    their predictions are the least informed. So each window weighs its frames by a trapezoid: rising
+    linearly over its first `chunk_overlap + 1` frames, falling over its last, flat between; then each
+    frame's weights are divided by their sum. With the regular stride two overlapping windows cross-fade
+    linearly (weights k/(overlap+1) and 1 - k/(overlap+1)); a frame in one window only gets exactly 1.
+    """
+    ramp = chunk_overlap + 1
+    profiles = [[min(p + 1, len(w) - p, ramp) / ramp for p in range(len(w))] for w in windows]
+    totals = [0.0] * frame_count
+    for window, profile in zip(windows, profiles):
+        for frame, weight in zip(window, profile):
+            totals[frame] += weight
+    return [tuple(weight / totals[frame] for frame, weight in zip(window, profile))
+            for window, profile in zip(windows, profiles)]
+
+
+def plan_chunks(frame_count: int, chunk_size: int, rule_name: str, chunk_overlap: int = 0) -> list[Chunk]:
     """Split frames into chunks; the anchor (frame 0) and, when the rule reads it, the frame before a
-    chunk join every later chunk as context, so rules see the frames they expect at fixed positions."""
+    chunk join every later chunk as context, so rules see the frames they expect at fixed positions.
+
+    With `chunk_overlap` > 0 the chunks are overlapping windows (seamless chunks, MultiDiffusion-style):
+    a frame in several windows gets the weighted average of their predictions at every step, so no
+    frame pair is split between two separately denoised chunks.
+    """
+    windows = [range(start, min(start + chunk_size, frame_count))
+               for start in window_starts(frame_count, chunk_size, chunk_overlap)]
     chunks = []
-    for start in range(0, frame_count, chunk_size):
-        own = tuple(range(start, min(start + chunk_size, frame_count)))
+    for own, weights in zip(windows, blend_weights(windows, frame_count, chunk_overlap)):
+        start = own.start
         context = []
         if start > 0 and rule_name in NEEDS_ANCHOR:
             context.append(0)
         if start > 0 and rule_name in NEEDS_PREVIOUS and start - 1 not in context:
             context.append(start - 1)
-        chunks.append(Chunk(tuple(context) + own, tuple(range(len(context), len(context) + len(own)))))
+        frames = tuple(context) + tuple(own)
+        chunks.append(Chunk(frames, tuple(range(len(context), len(frames))), weights))
     return chunks
 
 
@@ -164,12 +213,19 @@ class VideoDenoiser:
     source: Optional[SourceBranch] = None
 
     def __call__(self, latents: torch.Tensor, state: StepState) -> torch.Tensor:
-        eps = torch.empty_like(latents)
+        # Blending eps, not the stepped latents, is MultiDiffusion's average all the same (every scheduler here
+        # steps linearly in eps) and leaves the x0 hooks one prediction per frame. The sum runs in at least
+        # fp32 so fp16/bf16 rounding of the weights does not bias it, and starts from -0.0, the exact additive
+        # identity (a +0.0 start would turn a -0.0 prediction into +0.0), so a frame with weight 1 in one chunk
+        # gets its prediction bit for bit, as before chunks overlapped.
+        blended = torch.full(latents.shape, -0.0, dtype=torch.promote_types(latents.dtype, torch.float32),
+                             device=latents.device)
         for chunk in self.chunks:
             eps_chunk = self._guided(latents[list(chunk.frames)], chunk.frames, state)
             keep = list(chunk.keep)
-            eps[[chunk.frames[k] for k in keep]] = eps_chunk[keep]
-        return eps
+            weights = torch.tensor(chunk.weights or (1.0,) * len(keep), dtype=blended.dtype, device=latents.device)
+            blended[[chunk.frames[k] for k in keep]] += eps_chunk[keep].to(blended.dtype) * weights.view(-1, 1, 1, 1)
+        return blended.to(latents.dtype)
 
     def _guided(self, x: torch.Tensor, frame_ids: tuple, state: StepState) -> torch.Tensor:
         n = x.shape[0]
@@ -323,6 +379,11 @@ def sample_video(
     if not has_source and (frame_count is None or size is None):
         raise ValueError("give images to edit, or a frame count and size to generate from noise")
     settings.check(frame_count, from_images=has_source)
+    if injection is not None and settings.chunk_overlap > 0 and frame_count > settings.chunk_size:
+        # Injections are planned for the anchor chunks (PlanContext carries chunk_size only; FateZero's recorded
+        # maps are keyed by those chunks' frames), so overlapping windows would misread them.
+        raise ValueError("seamless chunks (chunk_overlap > 0) do not work with an injection yet: set chunk_overlap "
+                         "to 0, or chunk_size to at least the frame count")
     noise_mask = latent.get("noise_mask") if latent is not None else None
     if (mask is not None or noise_mask is not None) and not has_source:
         raise ValueError("a mask keeps part of a source, but the sampler is generating from noise: connect images, "
@@ -376,8 +437,8 @@ def sample_video(
                                           settings.attention_layers, settings.chunk_size))
     source = SourceBranch(inversion.latents, inversion.prompt_embeds) if plan.source_branch else None
     denoiser = VideoDenoiser(
-        model.unet, cond, uncond, settings.cfg, plan_chunks(frame_count, settings.chunk_size, settings.attention),
-        control, source,
+        model.unet, cond, uncond, settings.cfg,
+        plan_chunks(frame_count, settings.chunk_size, settings.attention, settings.chunk_overlap), control, source,
     )
     rule, prefix = get_rule(settings.attention), ATTENTION_LAYERS[settings.attention_layers]
 
