@@ -85,11 +85,14 @@ class VE_CrossFrameSampler:
                                                      "chunks (more overlap, more UNet calls). 0: chunks back to "
                                                      "back. Less than chunk_size; not with an injection."}),
             },
+            # To see whether anything reads the frames output: a long clip's pixels need not exist at all.
+            "hidden": {"unique_id": "UNIQUE_ID", "graph": "PROMPT"},
         }
 
     def sample(self, model, prompt, negative_prompt, seed, steps, cfg, scheduler, strength, noise, attention,
                attention_layers, chunk_size, images=None, inversion=None, injection=None, control=None, temporal=None,
-               latent=None, mask=None, frame_count=8, width=512, height=512, chunk_overlap=0):
+               latent=None, mask=None, frame_count=8, width=512, height=512, chunk_overlap=0, unique_id=None,
+               graph=None):
         settings = SamplerSettings(
             prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
             strength=strength, noise=noise, attention=attention, attention_layers=attention_layers,
@@ -107,5 +110,18 @@ class VE_CrossFrameSampler:
             progress=comfy_bridge.progress("Cross-Frame Sampler"), control=control, inversion=inversion,
             injection=injection, latent=latent, mask=mask,
         )
-        frames = decode_latents(model, latents, progress=comfy_bridge.progress("VAE decode"))
-        return (frames, {"samples": (latents / model.vae_scale).float().cpu()})
+        samples = {"samples": (latents / model.vae_scale).float().cpu()}
+        if not frames_are_read(graph, unique_id):
+            # Only the latent is used (e.g. Video Encode decodes it a few frames at a time): decoding the whole
+            # clip here would hold every frame in pixels, the memory a streamed long clip must not need.
+            return (None, samples)
+        return (decode_latents(model, latents, progress=comfy_bridge.progress("VAE decode")), samples)
+
+
+def frames_are_read(graph, node_id) -> bool:
+    """Whether any node of the running prompt links to this node's frames output (slot 0). Without the
+    prompt (a direct call) assume it is."""
+    if not isinstance(graph, dict) or node_id is None:
+        return True
+    return any(isinstance(v, (list, tuple)) and len(v) == 2 and str(v[0]) == str(node_id) and v[1] == 0
+               for entry in graph.values() for v in (entry.get("inputs") or {}).values())

@@ -14,6 +14,8 @@ attach processors -> sample.
 
 from __future__ import annotations
 
+import math
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
@@ -22,6 +24,7 @@ import torch
 
 from .attention import NEEDS_ANCHOR, NEEDS_PREVIOUS, FrameLayout, VideoAttnProcessor, attention_processors, get_rule
 from .attention.attach import is_self_attention
+from .attention.processor import gathered_kv_bytes
 from .attention.rules import own_frame
 from .models import VEModel, encode_frames, encode_prompt
 from .progress import Progress, or_silent
@@ -60,6 +63,8 @@ class SamplerSettings:
         get_rule(self.attention)
         if self.attention_layers not in ATTENTION_LAYERS:
             raise ValueError(f"unknown attention_layers {self.attention_layers!r}; choose one of {', '.join(ATTENTION_LAYERS)}")
+        if not math.isfinite(self.cfg):  # ComfyUI's own validation lets NaN through (every comparison is False)
+            raise ValueError(f"cfg must be a finite number (got {self.cfg})")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1 (got {self.chunk_size})")
         if not 0 <= self.chunk_overlap < self.chunk_size:
@@ -318,6 +323,40 @@ def skip_posterior_draws(generators: Sequence[torch.Generator], shape: tuple, mo
         randn_tensor(posterior_shape, generator=g, device=model.device, dtype=model.vae.dtype)
 
 
+def free_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for new tensors on `device`: CUDA's own figure, MemAvailable on a Linux CPU; None where
+    neither can be read (then nothing is refused)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def check_attention_memory(model: VEModel, settings: SamplerSettings, frame_count: int, size: tuple,
+                           available: Optional[int], copies: int) -> None:
+    """Refuse, with the figure, a run whose cross-frame keys/values alone do not fit: the gather of the
+    largest self-attention layer (the first level: most tokens) for one chunk. `all` attention grows with the
+    square of the chunk, so a long clip in one chunk is the case this catches before any step."""
+    if available is None:
+        return
+    chunk = min(settings.chunk_size, frame_count)
+    context = (1 if settings.attention in NEEDS_ANCHOR else 0) + (1 if settings.attention in NEEDS_PREVIOUS else 0)
+    frames = min(chunk + context, frame_count)
+    tokens = (size[0] // 8) * (size[1] // 8)
+    channels = model.unet.config.block_out_channels[0]
+    need = gathered_kv_bytes(get_rule(settings.attention), frames, frames * copies, tokens, channels,
+                             torch.tensor([], dtype=model.dtype).element_size())
+    if need > available:
+        raise ValueError(
+            f"attention {settings.attention!r} over {frames}-frame chunks at {size[1]}x{size[0]} gathers "
+            f"{need / 2**30:.1f} GiB of keys/values in one layer, and {available / 2**30:.1f} GiB is free on "
+            f"{model.device}: lower chunk_size (or the size), or use first+previous attention")
+
+
 def check_frames(frames: torch.Tensor) -> None:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"images must be a ComfyUI IMAGE batch (frames, height, width, 3), got {tuple(frames.shape)}")
@@ -391,6 +430,8 @@ def sample_video(
     keep_mask = edit_mask(mask, noise_mask, frame_count, (size[0] // 8, size[1] // 8))
     if control is not None:
         control.check(frame_count, size)
+    check_attention_memory(model, settings, frame_count, size, free_bytes(model.device),
+                           copies=(2 if settings.cfg != 1.0 else 1) + (1 if injection is not None else 0))
     device, dtype = model.device, model.dtype
 
     # 2. Encode the prompts

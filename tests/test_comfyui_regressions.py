@@ -66,3 +66,28 @@ def test_controlnet_condition_logs_no_float32_warning(tiny_model, clip_frames):
         logger.removeHandler(records)
     assert len(control) == 1 and hints.shape == clip_frames.shape
     assert not [m for m in records.messages if "float32" in m], records.messages
+
+
+def test_the_sampler_decodes_frames_only_when_something_reads_them(tmp_path):
+    """A long clip streamed as latents must never exist in pixels: with only its latent output linked, the
+    sampler skips the VAE decode (it reads the running prompt through ComfyUI's hidden PROMPT/UNIQUE_ID)."""
+    from comfyui_video_edit.headless import execute
+    from comfyui_video_edit.nodes import comfy_bridge
+
+    comfy_bridge.set_output_directory(str(tmp_path))
+    sampler = {"model": ["2", 0], "prompt": "a cat", "negative_prompt": "", "seed": 1, "steps": 2, "cfg": 7.5,
+               "scheduler": "ddim", "strength": 0.5, "noise": "per_frame", "attention": "first+previous",
+               "attention_layers": "all", "chunk_size": 8}
+    prompt = {
+        "1": {"class_type": "VE_LoadVideo", "inputs": {"video": "sample_pan.mp4", "frame_cap": 2, "skip_first": 0,
+                                                       "every_nth": 1, "target_fps": 0.0, "width": 64, "height": 0,
+                                                       "multiple_of": "8", "fit": "crop"}},
+        "2": {"class_type": "VE_LoadModel", "inputs": {"checkpoint": "builtin:tiny", "dtype": "fp32", "device": "cpu"}},
+        "3": {"class_type": "VE_CrossFrameSampler", "inputs": {**sampler, "images": ["1", 0]}},
+        "4": {"class_type": "VE_CrossFrameSampler", "inputs": {**sampler, "latent": ["3", 1]}},
+        "5": {"class_type": "VE_VideoEncode", "inputs": {"frames": ["4", 0], "fps": 8.0, "format": "h264-mp4",
+                                                         "quality": -1.0, "filename_prefix": "decode_check"}},
+    }
+    result = execute(prompt, NODE_CLASS_MAPPINGS)
+    assert result.outputs["3"][0] is None and result.outputs["3"][1]["samples"].shape[0] == 2
+    assert result.outputs["4"][0].shape == (2, 48, 64, 3)

@@ -87,6 +87,14 @@ def select_kv(x: torch.Tensor, index: torch.Tensor, frames: int) -> torch.Tensor
     return rearrange(picked, "b f k n c -> (b f) (k n) c")
 
 
+def gathered_kv_bytes(rule, frames: int, rows: int, tokens: int, channels: int, itemsize: int) -> int:
+    """Bytes of the keys plus values `select_kv` builds in one self-attention layer for a chunk of `frames`
+    frames (`rows` = frames times the CFG/source copies in the batch): each row reads `k` frames' tokens,
+    k being the width of the rule's index table. `all` grows with the square of the chunk; the others do not."""
+    k = rule(frames).shape[1]
+    return 2 * rows * k * tokens * channels * itemsize
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask): the explicit path, for edits that read or change probabilities."""
     scores = (q @ k.transpose(-1, -2)) * scale
