@@ -11,6 +11,14 @@ output under the source clip's flow (lower = steadier).
     python benchmarks/bench_recipes.py                              # builtin:tiny on the CPU
     python benchmarks/bench_recipes.py --model builtin:sd15-random --device cuda --dtype fp16 \
         --frames 8 --steps 20 --width 512 --height 512             # SD-1.5-sized random weights on a GPU
+
+`--frames-sweep 8,40,100,250,500` instead measures, per frame count, the wall time and peak RSS of the streaming
+path (Load Video as Latents -> Sampler from the latent -> Video Encode from the latent: `open_video` batches ->
+`encode_frame_stream` -> `sample_video(latent=...)` -> `decode_latent_stream` -> `encode_video`) and of the
+in-memory path (`load_video` -> `sample_video(images=...)` -> `decode_latents` -> `encode_video`), each in its own
+process, on a synthetic clip of the largest count at --width x --height (SDEdit 0.6, first+previous, CFG 7.5):
+
+    python benchmarks/bench_recipes.py --frames-sweep 8,40,100,250,500 --width 128 --height 96 --steps 2
 """
 
 from __future__ import annotations
@@ -124,6 +132,84 @@ def run_child(recipe: str, args) -> dict:
     }
 
 
+# ---- --frames-sweep: memory against clip length ----------------------------------------------------------------
+
+def write_sweep_clip(frames: int, width: int, height: int, folder: str) -> str:
+    """A synthetic clip (moving colour gradients) of `frames` frames, written a batch at a time."""
+    import torch
+
+    from comfyui_video_edit.pipelines_core.video_encode import encode_video
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+
+    def batches():
+        for start in range(0, frames, 20):
+            t = torch.arange(start, min(start + 20, frames)).view(-1, 1, 1) / max(frames, 1)
+            yield torch.stack([(x + t) % 1, (y + 2 * t) % 1, (x * y + 3 * t) % 1], dim=-1)
+
+    return encode_video(batches(), folder, "sweep_clip", 24, format="ffv1-mkv", frame_count=frames)
+
+
+def run_sweep_child(path: str, clip: str, frames: int, args) -> dict:
+    import torch
+
+    from comfyui_video_edit.pipelines_core.models import (decode_latent_stream, decode_latents, encode_frame_stream,
+                                                          load_model, posterior_generators)
+    from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, sample_video
+    from comfyui_video_edit.pipelines_core.video_encode import encode_video
+    from comfyui_video_edit.pipelines_core.video_io import load_video, open_video
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    settings = SamplerSettings("a watercolor painting", seed=42, steps=args.steps, strength=0.6,
+                               attention="first+previous", chunk_size=8)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    if path == "stream":
+        stream = open_video(clip, frame_cap=frames)
+        latent = {"samples": encode_frame_stream(model, stream.batches(8), posterior_generators(settings.seed))}
+        latents = sample_video(model, settings, latent=latent)
+        unscaled = (latents / model.vae_scale).float().cpu()  # what the sampler node's LATENT output holds
+        encode_video(decode_latent_stream(model, unscaled, scaled=False), args.output_dir, "sweep",
+                     stream.info["fps"], audio=stream.audio, frame_count=frames)
+    else:
+        images, info, audio = load_video(clip, frame_cap=frames)
+        latents = sample_video(model, settings, images=images)
+        encode_video(decode_latents(model, latents), args.output_dir, "sweep", info["fps"], audio=audio)
+    sync()
+    return {"path": path, "frames": frames, "wall_s": time.perf_counter() - start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def frames_sweep(args) -> int:
+    import tempfile
+
+    counts = [int(n) for n in args.frames_sweep.split(",")]
+    print(f"frames sweep: model {args.model}, {args.device} {args.dtype}, {args.width}x{args.height}, "
+          f"{args.steps} steps (SDEdit 0.6: {int(args.steps * 0.6)} run), first+previous, chunk 8, CFG 7.5")
+    print(f"{'frames':>6} {'stream s':>9} {'stream RSS MB':>13} {'in-memory s':>11} {'in-memory RSS MB':>16} "
+          f"{'IMAGE MB':>9} {'latents MB':>10}")
+    with tempfile.TemporaryDirectory() as folder:
+        clip = write_sweep_clip(max(counts), args.width, args.height, folder)
+        for frames in counts:
+            row = {}
+            for path in ("stream", "memory"):
+                cmd = [sys.executable, __file__, "--sweep-child", path, "--sweep-clip", clip, "--frames", str(frames),
+                       "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+                       "--steps", str(args.steps), "--output-dir", args.output_dir]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    err = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+                    print(f"{frames:6d} {path} failed: {err}")
+                    return 1
+                row[path] = json.loads(out.stdout.strip().splitlines()[-1])
+            image_mb = frames * args.width * args.height * 3 * 4 / 2**20  # float32 IMAGE of the clip
+            latent_mb = frames * 4 * (args.width // 8) * (args.height // 8) * 4 / 2**20
+            print(f"{frames:6d} {row['stream']['wall_s']:9.1f} {row['stream']['peak_rss_mb']:13.0f} "
+                  f"{row['memory']['wall_s']:11.1f} {row['memory']['peak_rss_mb']:16.0f} {image_mb:9.1f} "
+                  f"{latent_mb:10.2f}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin:tiny")
@@ -136,11 +222,23 @@ def main() -> int:
     p.add_argument("--controlnet", default="", help="ControlNet for non-tiny models (default: the workflow's)")
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--output-dir", default=os.path.join(os.getcwd(), "output", "bench"))
+    p.add_argument("--frames-sweep", metavar="N,N,...",
+                   help="peak RSS and wall time of the streaming and in-memory paths per frame count (see above)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--sweep-child", help=argparse.SUPPRESS)
+    p.add_argument("--sweep-clip", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_child(args.child, args)))
         return 0
+    if args.sweep_child:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+        print(json.dumps(run_sweep_child(args.sweep_child, args.sweep_clip, args.frames, args)))
+        return 0
+    if args.frames_sweep:
+        return frames_sweep(args)
     rows = []
     header = f"{'recipe':22} {'wall s':>8} {'UNet calls':>10} {'bare UNet s':>11} {'ratio':>6} {'peak RSS MB':>11} " \
              f"{'GPU peak MB':>11} {'inversion MB':>12} {'UNet TFLOP':>10} {'TFLOP/s':>8} {'warp err':>9}"

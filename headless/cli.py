@@ -30,9 +30,10 @@ BRIDGE_MODULE = "comfyui_video_edit.nodes.comfy_bridge"
 
 # Shortcut option -> the (node class, input) pairs it sets, on every node of that class.
 SHORTCUTS: dict[str, list[tuple[str, str]]] = {
-    "video": [("VE_LoadVideo", "video")],
+    "video": [("VE_LoadVideo", "video"), ("VE_LoadVideoLatents", "video")],
     "prompt": [("VE_CrossFrameSampler", "prompt")],
-    "seed": [("VE_CrossFrameSampler", "seed")],
+    # the loader's seed draws the VAE posterior the sampler would draw: both follow --seed
+    "seed": [("VE_CrossFrameSampler", "seed"), ("VE_LoadVideoLatents", "seed")],
 }
 
 

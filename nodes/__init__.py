@@ -8,6 +8,7 @@ from .ddim_invert import VE_DDIMInvert
 from .flow_warp import VE_FlowWarp
 from .load_model import VE_LoadModel
 from .load_video import VE_LoadVideo
+from .load_video_latents import VE_LoadVideoLatents
 from .lora_apply import VE_LoRAApply
 from .temporal_guidance import VE_TemporalGuidance
 from .video_encode import VE_VideoEncode
@@ -24,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
     "VE_ControlNetCondition": VE_ControlNetCondition,
     "VE_TemporalGuidance": VE_TemporalGuidance,
     "VE_AttentionInjector": VE_AttentionInjector,
+    "VE_LoadVideoLatents": VE_LoadVideoLatents,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -38,4 +40,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VE_ControlNetCondition": "ControlNet Condition",
     "VE_TemporalGuidance": "Temporal Guidance",
     "VE_AttentionInjector": "Attention Injector",
+    "VE_LoadVideoLatents": "Load Video as Latents (Video Edit)",
 }

@@ -74,12 +74,16 @@ class ComponentsVideo:
 
 # ---- out: Video Encode ----------------------------------------------------------------------------------
 
-def encoded_video(path: str, frames: torch.Tensor, fps: float, audio: Optional[dict], image_sequence: bool) -> Any:
-    """The VIDEO output for a file (or folder) Video Encode wrote from `frames` at `fps` with `audio`."""
+def encoded_video(path: str, frames: Optional[torch.Tensor], fps: float, audio: Optional[dict],
+                  image_sequence: bool) -> Any:
+    """The VIDEO output for a file (or folder) Video Encode wrote from `frames` at `fps` with `audio`; `frames`
+    may be None when the file itself is the VIDEO (it is only needed for what FFmpeg cannot read back)."""
     as_file = not image_sequence and ffmpeg_reads(path)
     # The same rational the encoder wrote (29.97 -> 2997/100), not the float's exact binary fraction.
     rate = Fraction(fps).limit_denominator(1001)
-    images = frames[..., :3]  # the file has no alpha either
+    if not as_file and frames is None:
+        raise ValueError(f"Video Encode: {os.path.basename(path)} cannot be read back as a VIDEO without its frames")
+    images = frames[..., :3] if frames is not None else None  # the file has no alpha either
     if comfy_bridge.in_comfyui():
         from comfy_api.latest import InputImpl, Types
 

@@ -12,9 +12,10 @@ Sources (all offline; nothing is ever downloaded):
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -200,35 +201,104 @@ def frames_to_pixels(frames: torch.Tensor, model: VEModel) -> torch.Tensor:
     return (frames.permute(0, 3, 1, 2) * 2 - 1).to(model.device, model.dtype)
 
 
+def _encode_batch(model: VEModel, frames: torch.Tensor, generators: Optional[Sequence[torch.Generator]]) -> list:
+    """One VAE call on IMAGE frames -> their UNSCALED latents (1, 4, h, w) each: the posterior mean, or with one
+    generator per frame a posterior sample drawn the way diffusers' img2img draws it."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    dist = model.vae.encode(frames_to_pixels(frames, model)).latent_dist
+    out = []
+    for j in range(dist.mean.shape[0]):
+        mean, std = dist.mean[j:j + 1], dist.std[j:j + 1]
+        if generators is None:
+            out.append(mean)
+        else:
+            noise = randn_tensor(mean.shape, generator=generators[j], device=mean.device, dtype=mean.dtype)
+            out.append(mean + std * noise)
+    return out
+
+
 @torch.no_grad()
 def encode_frames(model: VEModel, frames: torch.Tensor, generators: Optional[Sequence[torch.Generator]] = None,
                   batch: int = 4) -> torch.Tensor:
     """Scaled latents (F, 4, H/8, W/8). With `generators` (one per frame) the VAE posterior is sampled
     the way diffusers' img2img does; without, its mean is taken (deterministic, for inversion)."""
-    from diffusers.utils.torch_utils import randn_tensor
-
     out = []
     for start in range(0, frames.shape[0], batch):
-        dist = model.vae.encode(frames_to_pixels(frames[start:start + batch], model)).latent_dist
-        for j in range(dist.mean.shape[0]):
-            mean, std = dist.mean[j:j + 1], dist.std[j:j + 1]
-            if generators is None:
-                out.append(mean)
-            else:
-                noise = randn_tensor(mean.shape, generator=generators[start + j], device=mean.device, dtype=mean.dtype)
-                out.append(mean + std * noise)
+        gens = None if generators is None else generators[start:start + batch]
+        out.extend(_encode_batch(model, frames[start:start + batch], gens))
     return torch.cat(out) * model.vae_scale
+
+
+def posterior_generators(seed: int) -> Iterator[torch.Generator]:
+    """Endless per-frame CPU generators, frame f seeded `seed + f`: the sampler's `frame_generators` for a clip
+    whose length is not known yet. The sampler draws frame f's VAE posterior sample first from generator f, so
+    a streaming encode drawing with these gives the very latents an in-memory images start would."""
+    for f in itertools.count():
+        yield torch.Generator("cpu").manual_seed(seed + f)
+
+
+@torch.no_grad()
+def encode_frame_stream(model: VEModel, frame_batches: Iterable[torch.Tensor],
+                        generators: Optional[Iterable[torch.Generator]] = None, batch: int = 4) -> torch.Tensor:
+    """IMAGE batches of any sizes (e.g. `video_io.open_video(...).batches()`) -> UNSCALED latents (F, 4, h, w)
+    on the CPU in fp32 (ComfyUI's LATENT convention), holding no more than `batch` frames of pixels beyond the
+    batch the stream hands over.
+
+    Frames are regrouped into VAE calls of `batch` frames counted from frame 0, the grouping `encode_frames`
+    uses, and each frame's posterior sample is drawn from the next of `generators` (see `posterior_generators`),
+    so with the sampler's seed the result times the VAE scale is bit for bit `encode_frames(model, all frames,
+    frame_generators(seed, F))`: the sampler's latent start then edits exactly as its images start would.
+    Without `generators`, the posterior mean. (Progress: the frame stream's own, e.g. open_video's.)
+    """
+    gens = iter(generators) if generators is not None else None
+    out: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    held = 0
+
+    def flush(parts: list[torch.Tensor]) -> None:
+        frames = parts[0] if len(parts) == 1 else torch.cat(parts)
+        draws = None if gens is None else [next(gens) for _ in range(frames.shape[0])]
+        # To the CPU at once: the latents of a long clip must not pile up in GPU memory.
+        out.extend(z.float().cpu() for z in _encode_batch(model, frames, draws))
+
+    for frames in frame_batches:
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+            raise ValueError(f"frames must be IMAGE batches (frames, height, width, 3), got {tuple(frames.shape)}")
+        start = 0
+        while start < frames.shape[0]:
+            take = min(batch - held, frames.shape[0] - start)
+            pending.append(frames[start:start + take])
+            held, start = held + take, start + take
+            if held == batch:
+                flush(pending)
+                pending, held = [], 0
+    if pending:
+        flush(pending)
+    if not out:
+        raise ValueError("no frames to encode: the frame stream was empty")
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latent_stream(model: VEModel, latents: torch.Tensor, batch: int = 4, scaled: bool = True,
+                         progress=None) -> Iterator[torch.Tensor]:
+    """Latents (F, 4, h, w) -> ComfyUI IMAGE batches (n <= `batch`, 8h, 8w, 3) in 0..1 on the CPU, decoded only as
+    they are asked for, so a consumer (Video Encode) never holds the clip in pixels. `scaled`: False for
+    UNSCALED latents (ComfyUI's LATENT), decoded as they are rather than scaled up and down again, which is not
+    exact in floating point: a LATENT of `latents / vae_scale` then decodes bit for bit as `latents` does."""
+    total = latents.shape[0]
+    for start in range(0, total, batch):
+        chunk = latents[start:start + batch].to(model.device, model.vae.dtype)
+        if scaled:
+            chunk = chunk / model.vae_scale
+        pixels = model.vae.decode(chunk).sample
+        yield ((pixels.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu()
+        if progress is not None:
+            progress(min(start + batch, total), total)
 
 
 @torch.no_grad()
 def decode_latents(model: VEModel, latents: torch.Tensor, batch: int = 4, progress=None) -> torch.Tensor:
     """Scaled latents (F, 4, h, w) -> ComfyUI IMAGE (F, 8h, 8w, 3) in 0..1 on the CPU, a few frames at a time."""
-    images = []
-    total = latents.shape[0]
-    for start in range(0, total, batch):
-        chunk = latents[start:start + batch].to(model.device, model.vae.dtype) / model.vae_scale
-        pixels = model.vae.decode(chunk).sample
-        images.append(((pixels.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu())
-        if progress is not None:
-            progress(min(start + batch, total), total)
-    return torch.cat(images)
+    return torch.cat(list(decode_latent_stream(model, latents, batch, progress=progress)))

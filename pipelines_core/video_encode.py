@@ -21,7 +21,7 @@ import os
 import re
 from fractions import Fraction
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import av
 import numpy as np
@@ -185,17 +185,14 @@ def _output_rate(codec: str, sample_rate: int) -> int:
     return min(higher) if higher else max(rates)
 
 
-def _fit_waveform(audio: dict, seconds: float) -> tuple[np.ndarray, int]:
-    """AUDIO dict -> (channels, samples) float32 trimmed, or padded with silence, to ``seconds``."""
+def _check_waveform(audio: dict) -> tuple[np.ndarray, int]:
+    """AUDIO dict -> ((channels, samples) float32, sample rate), refusing channel counts no layout names."""
     wave = audio["waveform"]
     wave = wave[0] if wave.ndim == 3 else wave  # ComfyUI AUDIO is (batch, channels, samples)
     wave = wave.detach().float().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave, np.float32)
     if wave.shape[0] not in _LAYOUTS:
         raise ValueError(f"audio has {wave.shape[0]} channels: give mono, stereo, 5.1 or 7.1 audio.")
-    rate = int(audio["sample_rate"])
-    total = round(seconds * rate)
-    wave = wave[:, :total]
-    return np.ascontiguousarray(np.pad(wave, ((0, 0), (0, total - wave.shape[1]))), np.float32), rate
+    return np.ascontiguousarray(wave, np.float32), int(audio["sample_rate"])
 
 
 def encoder_layout(codec: str, channels: int, rate: int, sample_fmt: str) -> str:
@@ -240,24 +237,63 @@ class _AudioTrack:
             self.container.mux(self.stream.encode(out))
 
     def feed_until(self, seconds: float) -> None:
-        end = min(round(seconds * self.rate_in), self.wave.shape[1])
+        """Send the audio up to ``seconds``: the waveform's samples, then silence where it is shorter than the video.
+
+        Past the waveform's end comes silence made here, not a padded copy made up front: a streamed video's
+        length is known only once its last frame is written (``finish``), and the audio stops at exactly that.
+        """
+        end = round(seconds * self.rate_in)
         if end > self.sent:
+            piece = self.wave[:, self.sent:end]
+            if piece.shape[1] < end - self.sent:
+                piece = np.pad(piece, ((0, 0), (0, end - self.sent - piece.shape[1])))
             # Interleaved ("flt"), not planar: PyAV's planar from_ndarray fails for 8 channels (7.1).
-            packed = np.ascontiguousarray(self.wave[:, self.sent:end].T).reshape(1, -1)
+            packed = np.ascontiguousarray(piece.T).reshape(1, -1)
             frame = av.AudioFrame.from_ndarray(packed, format="flt", layout=self.layout_in)
             frame.sample_rate, frame.pts, frame.time_base = self.rate_in, self.sent, Fraction(1, self.rate_in)
             self._encode(frame)
             self.sent = end
 
-    def finish(self) -> None:
-        self.feed_until(self.wave.shape[1] / self.rate_in)
+    def finish(self, seconds: float) -> None:
+        """The audio up to the video's length ``seconds`` (a longer waveform is cut there), then flush."""
+        self.feed_until(seconds)
         self._encode(None)  # flush the resampler, then the encoder
         self.container.mux(self.stream.encode(None))
 
 
+def _frame_batches(frames) -> Iterator[torch.Tensor | np.ndarray]:
+    """The IMAGE batches of ``frames``: one tensor (F, H, W, 3|4), or an iterable of such batches (a stream,
+    e.g. latents decoded a few frames at a time), each checked as it arrives."""
+    if isinstance(frames, (torch.Tensor, np.ndarray)):
+        if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] not in (3, 4):
+            raise ValueError(f"frames must be an IMAGE batch (F, H, W, 3) with F >= 1, got shape "
+                             f"{tuple(frames.shape)}.")
+        yield frames
+        return
+    size = None
+    for batch in frames:
+        if batch.ndim != 4 or batch.shape[-1] not in (3, 4):
+            raise ValueError(f"frames must be IMAGE batches (F, H, W, 3), got a batch of shape {tuple(batch.shape)}.")
+        if size is None:
+            size = tuple(batch.shape[1:3])
+        elif tuple(batch.shape[1:3]) != size:
+            raise ValueError(f"frame batches changed size from {size[1]}x{size[0]} to {batch.shape[2]}x"
+                             f"{batch.shape[1]}: every frame of a video must have the same size.")
+        yield batch
+
+
+def _stream_frames(frames, counter: list) -> Iterator[np.ndarray]:
+    """uint8 RGB frames of ``frames`` (see _frame_batches), counting them in ``counter[0]``."""
+    for batch in _frame_batches(frames):
+        for rgb in _uint8_frames(batch):
+            counter[0] += 1
+            yield rgb
+    if counter[0] == 0:
+        raise ValueError("frames must be an IMAGE batch (F, H, W, 3) with F >= 1, got a stream of no frames.")
+
+
 def _write_container(path: Path, spec: dict, frames, fps: Fraction, options: dict, audio: dict | None,
-                     progress: Callable[[int, int], None] | None = None) -> None:
-    n_frames = frames.shape[0]
+                     total: int | None, progress: Callable[[int, int], None] | None = None) -> None:
     with av.open(str(path), "w", format=spec["container"], options=spec.get("container_options", {})) as container:
         stream = container.add_stream(spec["codec"], rate=fps, options=options)
         stream.pix_fmt = spec["pix_fmt"]
@@ -267,9 +303,10 @@ def _write_container(path: Path, spec: dict, frames, fps: Fraction, options: dic
             _tag_bt709(stream)
         track = None
         if audio is not None and spec["audio_codec"]:
-            wave, rate_in = _fit_waveform(audio, float(n_frames / fps))
+            wave, rate_in = _check_waveform(audio)
             track = _AudioTrack(container, spec["audio_codec"], spec.get("audio_bitrate"), wave, rate_in)
-        for i, rgb in enumerate(_uint8_frames(frames)):
+        count = [0]
+        for i, rgb in enumerate(_stream_frames(frames, count)):
             rgb = _pad_for_chroma(rgb, spec["pix_fmt"])
             if i == 0:
                 stream.height, stream.width = rgb.shape[:2]
@@ -279,16 +316,17 @@ def _write_container(path: Path, spec: dict, frames, fps: Fraction, options: dic
             if track:
                 track.feed_until(float((i + 1) / fps))
             if progress is not None:
-                progress(i + 1, n_frames)  # may raise (ComfyUI's Cancel): the caller removes the partial file
+                # may raise (ComfyUI's Cancel): the caller removes the partial file
+                progress(i + 1, max(total or 0, i + 1))
         container.mux(stream.encode(None))
         if track:
-            track.finish()
+            track.finish(float(count[0] / fps))  # trimmed, or padded with silence, to the video's length
 
 
-def _write_image_sequence(folder: Path, spec: dict, frames, options: dict,
+def _write_image_sequence(folder: Path, spec: dict, frames, options: dict, total: int | None,
                           progress: Callable[[int, int], None] | None = None) -> None:
     """One still image per frame, each encoded by the format's codec: frame_00000.<ext>, ..."""
-    for i, rgb in enumerate(_uint8_frames(frames)):
+    for i, rgb in enumerate(_stream_frames(frames, [0])):
         cc = av.CodecContext.create(spec["codec"], "w")
         cc.height, cc.width = rgb.shape[:2]
         cc.pix_fmt, cc.time_base = spec["pix_fmt"], Fraction(1, 1)
@@ -296,13 +334,17 @@ def _write_image_sequence(folder: Path, spec: dict, frames, options: dict,
         packets = cc.encode(_to_video_frame(rgb, spec)) + cc.encode(None)
         (folder / f"frame_{i:05d}.{spec['extension']}").write_bytes(b"".join(bytes(p) for p in packets))
         if progress is not None:
-            progress(i + 1, frames.shape[0])
+            progress(i + 1, max(total or 0, i + 1))
 
 
-def encode_video(frames: torch.Tensor, directory: str | os.PathLike, filename_prefix: str, fps: float,
-                 format: str = "h264-mp4", quality: float | None = None, audio: dict | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> str:
+def encode_video(frames: torch.Tensor | Iterable[torch.Tensor], directory: str | os.PathLike, filename_prefix: str,
+                 fps: float, format: str = "h264-mp4", quality: float | None = None, audio: dict | None = None,
+                 progress: Callable[[int, int], None] | None = None, frame_count: int | None = None) -> str:
     """Write IMAGE frames (F, H, W, 3 in 0..1) as ``<directory>/<prefix>_NNNNN.<ext>``; return the path.
+
+    ``frames`` may also be an iterable of IMAGE batches (e.g. ``models.decode_latent_stream``), written as they
+    come, so the clip never needs to be in memory as pixels; ``frame_count``, if known, is only the progress
+    total. A stream that raises part way leaves nothing behind, as a Cancel does.
 
     ``fps`` may be fractional (29.97 is written as 2997/100). ``audio`` is a ComfyUI AUDIO dict; it is
     trimmed or padded to the video's length and dropped for formats without audio. ``progress(done, total)``
@@ -314,8 +356,9 @@ def encode_video(frames: torch.Tensor, directory: str | os.PathLike, filename_pr
         raise ValueError(f"fps must be > 0, got {fps}: pass the source fps (e.g. 24).")
     rate = Fraction(fps).limit_denominator(1001)
     options = _codec_options(spec, quality)
-    if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] not in (3, 4):
-        raise ValueError(f"frames must be an IMAGE batch (F, H, W, 3) with F >= 1, got shape {tuple(frames.shape)}.")
+    if isinstance(frames, (torch.Tensor, np.ndarray)):
+        next(_frame_batches(frames))  # a bad tensor is refused before a name is reserved
+        frame_count = frames.shape[0]
     folder = spec["image_sequence"]
     path = reserve_output_path(directory, filename_prefix, spec["extension"], folder=folder)
     # Same folder, so the final rename never crosses file systems (it stays one atomic step); hidden, so the
@@ -325,9 +368,9 @@ def encode_video(frames: torch.Tensor, directory: str | os.PathLike, filename_pr
         _remove(part)  # a leftover of a killed run under our (reserved, hence unique) number
         if folder:
             part.mkdir()
-            _write_image_sequence(part, spec, frames, options, progress)
+            _write_image_sequence(part, spec, frames, options, frame_count, progress)
         else:
-            _write_container(part, spec, frames, rate, options, audio, progress)
+            _write_container(part, spec, frames, rate, options, audio, frame_count, progress)
         _commit(part, path, folder)
     except BaseException:  # also KeyboardInterrupt and ComfyUI's Cancel: no half-written output, name freed
         for leftover in (part, path):

@@ -3,7 +3,8 @@
 Sources: a video file or a binary stream (PyAV; Pillow for animated WebP), a folder of images (one per frame,
 natural name order, at a frame rate you give), or a clip already in memory (``Clip``). Frames are pulled one at
 a time and only the selected ones are turned into pixels, so a long clip with a frame cap or a low target fps
-never sits in memory whole.
+never sits in memory whole; ``open_video`` hands the selected frames over a batch at a time, so even a clip that
+is kept whole need never be in memory as pixels (Load Video as Latents).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from PIL import Image, ImageSequence
 
 from .video_encode import encode_video, format_spec, list_formats
 
-__all__ = ["load_video", "Clip", "encode_video", "list_formats", "format_spec", "select_frames",
+__all__ = ["load_video", "open_video", "collect", "VideoStream", "Clip", "encode_video", "list_formats", "format_spec",
+           "select_frames",
            "resample_copies", "output_size", "IMAGE_EXTENSIONS", "image_files", "image_sequence", "is_image_folder",
            "folder_fingerprint", "read_image", "natural_key", "ffmpeg_reads"]
 
@@ -536,6 +538,111 @@ def ffmpeg_reads(path: str | os.PathLike) -> bool:
         return False
 
 
+class VideoStream:
+    """A clip being decoded: its selected frames one at a time (``frames``) or as IMAGE batches (``batches``).
+
+    Both load_video (which collects the stream) and the streaming loaders read this one generator, so the two
+    cannot drift. ``width``/``height`` (the output size) and ``estimated_count`` are known up front; ``info``
+    and ``audio`` only once the frames have run out, because the kept count, the rate fitted to the clip's end
+    and a truncated file's real length are facts of the decode itself. Iterate it once.
+    """
+
+    def __init__(self, source: _Source, frame_cap: int, skip_first: int, every_nth: int, target_fps: float,
+                 width: int, height: int, multiple_of: int, fit: str,
+                 progress: Callable[[int, int], None] | None):
+        self._source, self._progress = source, progress
+        self._selection = (skip_first, every_nth, frame_cap)
+        self._fit = fit
+        self._keep_scale = width <= 0 and height <= 0
+        self._ratio = _rate_ratio(target_fps, source.fps)
+        self.width, self.height = output_size(source.width, source.height, width, height, multiple_of)
+        self.estimated_count = _estimated_total(source, skip_first, self._ratio, every_nth, frame_cap)
+        self.info: dict | None = None
+        self.audio: dict | None = None
+        self._started = False
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """The selected frames, resized: (H, W, 3) uint8, or float32 in 0..1 for 16-bit and float sources.
+
+        A frame repeated by fps upsampling is the same array each time. When the frames run out, ``info`` and
+        ``audio`` are set (or the "no frames selected" error is raised); the source is closed however it ends.
+        """
+        if self._started:
+            raise RuntimeError("a VideoStream is read once: open the video again to read it again")
+        self._started = True
+        source, progress = self._source, self._progress
+        skip_first, every_nth, frame_cap = self._selection
+        out = (self.width, self.height)
+        decoded = _Counting(source.frames)
+        total, count = self.estimated_count, 0
+        start_time = 0.0
+        first_index = 0  # source index of the first kept frame
+        try:
+            scaled = _scaled_size(source.width, source.height, *out, self._fit, keep_scale=self._keep_scale)
+            last_read = fitted = None
+            for read, time in select_frames(decoded, skip_first, self._ratio, every_nth, frame_cap):
+                if not count:
+                    # select_frames yields each item before pulling the next, so the count locates this frame.
+                    start_time, first_index = time, decoded.count - 1
+                if read is not last_read:  # a frame repeated by fps upsampling is read and resized once
+                    fitted, last_read = fit_frame(read(), scaled, out, self._fit), read
+                count += 1
+                yield fitted
+                if progress is not None:
+                    progress(count, max(total, count))
+        finally:
+            source.close()
+        if progress is not None and count and count < total:
+            progress(count, count)  # the clip ended before the estimate: the bar ends here, not at 82 %
+        _warn_if_cut_short(source, decoded)
+        # What the source really holds once decoded to its end (a truncated file holds less than its header says).
+        source_count = decoded.count if decoded.exhausted else source.frame_count
+        if not count:
+            raise ValueError(f"No frames selected from {source.name} ({decoded.count} frames, "
+                             f"skip_first={skip_first}): lower skip_first or frame selection settings.")
+        out_fps = _output_fps(source.fps * self._ratio / every_nth, count, source_count, first_index, source.fps)
+        duration = float(count / out_fps)
+        self.info = {
+            "fps": float(out_fps), "source_fps": float(source.fps),
+            "source_width": source.width, "source_height": source.height, "source_frame_count": source_count,
+            "frame_count": count, "width": out[0], "height": out[1], "duration": duration, "path": source.path,
+        }
+        self.audio = source.audio(start_time, start_time + duration)
+
+    def batches(self, size: int = 8) -> Iterator[torch.Tensor]:
+        """The selected frames as IMAGE batches (n <= ``size``, H, W, 3) float32 in 0..1: only one batch of pixels
+        exists at a time (plus the decoder's current frame)."""
+        if size < 1:
+            raise ValueError(f"batch size must be >= 1, got {size}.")
+        pending: list[np.ndarray] = []
+        for frame in self.frames():
+            pending.append(frame)
+            if len(pending) == size:
+                yield _to_image(pending)
+                pending = []
+        if pending:
+            yield _to_image(pending)
+
+
+def open_video(source, frame_cap: int = 0, skip_first: int = 0, every_nth: int = 1,
+               target_fps: float = 0.0, width: int = 0, height: int = 0, multiple_of: int = 8,
+               fit: str = "crop", progress: Callable[[int, int], None] | None = None, fps: float = 24.0,
+               ) -> VideoStream:
+    """Open a video for reading frame by frame; the arguments are load_video's (see there).
+
+    The arguments are checked and the source opened (so a missing or unreadable file fails here, before any
+    frame); the frames are decoded only as the stream is read.
+    """
+    _check_args(frame_cap, skip_first, every_nth, target_fps, width, height, multiple_of, fit)
+    opened = _open_source(source, fps)
+    try:
+        return VideoStream(opened, frame_cap, skip_first, every_nth, target_fps, width, height, multiple_of, fit,
+                           progress)
+    except BaseException:
+        opened.close()
+        raise
+
+
 def load_video(source, frame_cap: int = 0, skip_first: int = 0, every_nth: int = 1,
                target_fps: float = 0.0, width: int = 0, height: int = 0, multiple_of: int = 8,
                fit: str = "crop", progress: Callable[[int, int], None] | None = None, fps: float = 24.0,
@@ -551,48 +658,19 @@ def load_video(source, frame_cap: int = 0, skip_first: int = 0, every_nth: int =
     keep every ``every_nth``, stop after ``frame_cap`` (0 = all). Only selected frames are read, so a damaged or
     odd-sized image that the selection skips is not reported. Size: see ``output_size``; ``fit`` "crop" covers
     the target and centre-crops, "pad" fits inside and pads with black.
-    """
-    _check_args(frame_cap, skip_first, every_nth, target_fps, width, height, multiple_of, fit)
-    source = _open_source(source, fps)
-    decoded = _Counting(source.frames)
-    kept: list[np.ndarray] = []
-    start_time = 0.0
-    first_index = 0  # source index of the first kept frame
-    try:
-        ratio = _rate_ratio(target_fps, source.fps)
-        out = output_size(source.width, source.height, width, height, multiple_of)
-        scaled = _scaled_size(source.width, source.height, *out, fit, keep_scale=width <= 0 and height <= 0)
-        total = _estimated_total(source, skip_first, ratio, every_nth, frame_cap)
-        last_read = fitted = None
-        for read, time in select_frames(decoded, skip_first, ratio, every_nth, frame_cap):
-            if not kept:
-                # select_frames yields each item before pulling the next, so the count locates this frame.
-                start_time, first_index = time, decoded.count - 1
-            if read is not last_read:  # a frame repeated by fps upsampling is read and resized once
-                fitted, last_read = fit_frame(read(), scaled, out, fit), read
-            kept.append(fitted)
-            if progress is not None:
-                progress(len(kept), max(total, len(kept)))
-    finally:
-        source.close()
-    if progress is not None and kept and len(kept) < total:
-        progress(len(kept), len(kept))  # the clip ended before the estimate: the bar ends here, not at 82 %
-    _warn_if_cut_short(source, decoded)
-    # What the source really holds once decoded to its end (a truncated file holds less than its header says).
-    source_count = decoded.count if decoded.exhausted else source.frame_count
-    if not kept:
-        raise ValueError(f"No frames selected from {source.name} ({decoded.count} frames, skip_first={skip_first}): "
-                         "lower skip_first or frame selection settings.")
 
-    out_fps = _output_fps(source.fps * ratio / every_nth, len(kept), source_count, first_index, source.fps)
-    duration = float(len(kept) / out_fps)
-    info = {
-        "fps": float(out_fps), "source_fps": float(source.fps),
-        "source_width": source.width, "source_height": source.height, "source_frame_count": source_count,
-        "frame_count": len(kept), "width": out[0], "height": out[1], "duration": duration, "path": source.path,
-    }
-    audio = source.audio(start_time, start_time + duration)
-    return _to_image(kept), info, audio
+    This is ``open_video`` collected whole; read ``open_video(...).batches()`` to hold a few frames at a time.
+    """
+    return collect(open_video(source, frame_cap, skip_first, every_nth, target_fps, width, height, multiple_of, fit,
+                              progress, fps))
+
+
+def collect(stream: VideoStream) -> tuple[torch.Tensor, dict, dict | None]:
+    """A whole stream as (IMAGE, info, AUDIO): what load_video returns."""
+    # Collected as the decoder's uint8 frames, converted to float once at the end: 1.25x the IMAGE at peak,
+    # where collecting float batches and concatenating them would need 2x.
+    kept = list(stream.frames())
+    return _to_image(kept), stream.info, stream.audio
 
 
 def _output_fps(nominal: Fraction, kept: int, source_count: int | None, first_index: int,
