@@ -85,7 +85,8 @@ def shared_mappings(changed: list) -> dict:
 
 
 def sampler_frames(prompt: dict, result) -> list:
-    return [result.outputs[k][0] for k, v in prompt.items() if v["class_type"] == "VE_CrossFrameSampler"]
+    """Every sampler's latents: what it made (its frames output is only decoded when a node reads it)."""
+    return [result.outputs[k][1]["samples"] for k, v in prompt.items() if v["class_type"] == "VE_CrossFrameSampler"]
 
 
 def test_every_graph_in_one_process_leaves_shared_outputs_unchanged_and_gives_fresh_frames(tmp_path):
