@@ -34,6 +34,12 @@ def _depths(prompt: dict) -> dict[str, int]:
     return depth
 
 
+def _is_socket_only(spec) -> bool:
+    """A widget-typed input declared `forceInput`: the canvas shows a socket and stores no widget value, so a
+    constant given to it in API form has no place in a UI file (connect a primitive node to set it there)."""
+    return bool(spec.options.get("forceInput"))
+
+
 def api_to_ui(prompt: dict, object_info: dict) -> dict:
     """A UI-format workflow (schema version 0.4) holding the same graph as the API `prompt`."""
     ids = {node_id: i + 1 for i, node_id in enumerate(sorted(prompt, key=lambda k: (len(k), k)))}
@@ -50,8 +56,10 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         for spec in specs:  # sockets first, as the canvas lists them
             if not _takes_widget(spec) and spec.name in entry["inputs"]:
                 inputs.append({"name": spec.name, "type": spec.type, "link": None})
+            elif _is_socket_only(spec) and _is_link(entry["inputs"].get(spec.name)):
+                inputs.append({"name": spec.name, "type": spec.type, "link": None})
         for spec in specs:
-            if not _takes_widget(spec):
+            if not _takes_widget(spec) or _is_socket_only(spec):  # a forceInput widget type has no widget slot
                 continue
             value = entry["inputs"].get(spec.name, spec.options.get("default"))
             linked = _is_link(value)

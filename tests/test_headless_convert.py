@@ -249,3 +249,21 @@ def test_object_info_table():
     table = object_info({"Blur": Blur, "Flagged": Flagged}, {"Flagged": "Flagged Blur"})
     assert list(table) == ["Blur", "Flagged"]
     assert table["Blur"]["display_name"] == "Blur" and table["Flagged"]["display_name"] == "Flagged Blur"
+
+
+def test_api_to_ui_gives_a_force_input_no_widget_slot():
+    """The canvas stores no widget value for a forceInput input (Load Video's fps socket): giving it a slot
+    shifted the upload button's value into it. Only the constant itself cannot travel to the UI form."""
+    from comfyui_video_edit.headless import object_info, ui_to_api
+    from comfyui_video_edit.headless.api_to_ui import api_to_ui
+    from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    info = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
+    workflow = Path(__file__).resolve().parents[1] / "workflows" / "long_clip_edit.json"
+    api = ui_to_api(json.loads(workflow.read_text()), info)
+    assert ui_to_api(api_to_ui(api, info), info) == api
+    loader = next(k for k, v in api.items() if v["class_type"] == "VE_LoadVideoLatents")
+    api[loader]["inputs"]["fps"] = 12.0
+    back = ui_to_api(api_to_ui(api, info), info)
+    assert {k: v for k, v in back[loader]["inputs"].items()} == \
+        {k: v for k, v in api[loader]["inputs"].items() if k != "fps"}
