@@ -81,8 +81,8 @@ def run_child(recipe: str, args) -> dict:
     gpu_peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
 
     # Temporal consistency: warp error of the sampler's frames under the source clip's DIS flow.
-    from comfyui_video_edit.pipelines_core.flow import warp_error
-    from comfyui_video_edit.pipelines_core.flow_estimate import estimate_flow
+    from comfyui_video_edit.pipelines_core.flow.warp import warp_error
+    from comfyui_video_edit.pipelines_core.flow.estimate import estimate_flow
 
     by_class = {node["class_type"]: node_id for node_id, node in prompt.items()}
     source = result.outputs[by_class["VE_LoadVideo"]][0]
@@ -138,7 +138,7 @@ def write_sweep_clip(frames: int, width: int, height: int, folder: str) -> str:
     """A synthetic clip (moving colour gradients) of `frames` frames, written a batch at a time."""
     import torch
 
-    from comfyui_video_edit.pipelines_core.video_encode import encode_video
+    from comfyui_video_edit.pipelines_core.video.encode import encode_video
 
     y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
 
@@ -153,11 +153,11 @@ def write_sweep_clip(frames: int, width: int, height: int, folder: str) -> str:
 def run_sweep_child(path: str, clip: str, frames: int, args) -> dict:
     import torch
 
-    from comfyui_video_edit.pipelines_core.models import (decode_latent_stream, decode_latents, encode_frame_stream,
+    from comfyui_video_edit.pipelines_core.models.model import (decode_latent_stream, decode_latents, encode_frame_stream,
                                                           load_model, posterior_generators)
-    from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, sample_video
-    from comfyui_video_edit.pipelines_core.video_encode import encode_video
-    from comfyui_video_edit.pipelines_core.video_io import load_video, open_video
+    from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, sample_video
+    from comfyui_video_edit.pipelines_core.video.encode import encode_video
+    from comfyui_video_edit.pipelines_core.video.decode import load_video, open_video
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     settings = SamplerSettings("a watercolor painting", seed=42, steps=args.steps, strength=0.6,

@@ -191,8 +191,8 @@ SOURCE_NODES = {"VE_LoadVideo": 0}  # class -> output slot holding the source fr
 
 def consistency_report(prompt: dict, result: RunResult) -> list[str]:
     """Warp error (lower = steadier) of every output node's frames, against the source clip's DIS flow."""
-    from ..pipelines_core.flow import warp_error
-    from ..pipelines_core.flow_estimate import estimate_flow
+    from ..pipelines_core.flow.warp import warp_error
+    from ..pipelines_core.flow.estimate import estimate_flow
 
     sources = [result.outputs[k][slot] for k, v in prompt.items()
                if (slot := SOURCE_NODES.get(v["class_type"])) is not None and k in result.outputs]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..pipelines_core.attention.fatezero import FateZeroParams, fatezero_injection
-from ..pipelines_core.attention.pnp import PnPParams, pnp_injection
-from ..pipelines_core.attention.tokenflow import TokenFlowParams, tokenflow_injection
-from ..pipelines_core.pix2video import Pix2VideoParams, pix2video_injection
+from ..pipelines_core.methods.fatezero import FateZeroParams, fatezero_injection
+from ..pipelines_core.methods.plug_and_play import PnPParams, pnp_injection
+from ..pipelines_core.methods.tokenflow import TokenFlowParams, tokenflow_injection
+from ..pipelines_core.methods.pix2video import Pix2VideoParams, pix2video_injection
 
 MODES = ["FateZero", "Plug-and-Play", "TokenFlow", "Pix2Video"]
 

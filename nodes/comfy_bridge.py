@@ -63,7 +63,7 @@ def progress(desc: str):
     """A `progress(done, total)` callable: ComfyUI's bar inside ComfyUI (raises on Cancel), tqdm headless."""
     env = _comfy()
     if env is None:
-        from ..pipelines_core.progress import tqdm_progress
+        from ..pipelines_core.sampling.progress import tqdm_progress
 
         return tqdm_progress(desc)
     comfy, _ = env

@@ -18,7 +18,7 @@ ComfyUI's modules are imported inside the function only: the pack also runs head
 from __future__ import annotations
 
 from . import comfy_bridge
-from ..pipelines_core.models import DEVICES, DTYPES, model_from_state_dict
+from ..pipelines_core.models.model import DEVICES, DTYPES, model_from_state_dict
 
 # ComfyUI's supported-model classes we convert: plain SD-1.x (SD15 covers 1.4/1.5 and their fine-tunes).
 # Subclasses such as SD15_instructpix2pix have other inputs, so the match is on the exact class name.

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from . import comfy_bridge
-from ..pipelines_core.video_io import Clip, ffmpeg_reads
+from ..pipelines_core.video.decode import Clip, ffmpeg_reads
 
 
 # ---- headless stand-ins ---------------------------------------------------------------------------------

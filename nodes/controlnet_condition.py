@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge
-from ..pipelines_core.control import ControlStack, ControlUnit, load_controlnet, place
-from ..pipelines_core.hints import PREPROCESSORS, make_hints
-from ..pipelines_core.tiny import tiny_controlnet
+from ..pipelines_core.models.controlnet import ControlStack, ControlUnit, load_controlnet, place
+from ..pipelines_core.models.hints import PREPROCESSORS, make_hints
+from ..pipelines_core.models.tiny import tiny_controlnet
 
 BUILTIN_TINY_CONTROLNET = "builtin:tiny"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from . import comfy_bridge
 from ..pipelines_core.attention import RULES
-from ..pipelines_core.models import decode_latents
-from ..pipelines_core.sampler import ATTENTION_LAYERS, NOISE_MODES, SamplerSettings
-from ..pipelines_core.schedulers import SCHEDULERS
-from ..pipelines_core.temporal import guided_edit
+from ..pipelines_core.models.model import decode_latents
+from ..pipelines_core.sampling.sampler import ATTENTION_LAYERS, NOISE_MODES, SamplerSettings
+from ..pipelines_core.sampling.schedulers import SCHEDULERS
+from ..pipelines_core.methods.temporal_guidance import guided_edit
 
 
 class VE_CrossFrameSampler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import comfy_bridge
 from ..pipelines_core.attention import RULES
 from ..pipelines_core.attention.store import RecordSpec
-from ..pipelines_core.inversion import invert_video
+from ..pipelines_core.sampling.inversion import invert_video
 
 RECORD_CHOICES = {
     "latents only": RecordSpec(),

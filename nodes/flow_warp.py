@@ -7,8 +7,8 @@ import os
 import torch
 
 from . import comfy_bridge
-from ..pipelines_core.flow import flow_to_image, image_to_nchw, warp
-from ..pipelines_core.flow_estimate import METHODS, estimate_flow, translation_flow
+from ..pipelines_core.flow.warp import flow_to_image, image_to_nchw, warp
+from ..pipelines_core.flow.estimate import METHODS, estimate_flow, translation_flow
 
 ESTIMATORS = list(METHODS) + ["translation"]
 

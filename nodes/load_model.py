@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge
-from ..pipelines_core.models import BUILTIN_SD15_RANDOM, BUILTIN_TINY, DEVICES, DTYPES, load_model
+from ..pipelines_core.models.model import BUILTIN_SD15_RANDOM, BUILTIN_TINY, DEVICES, DTYPES, load_model
 
 
 def model_choices() -> list[str]:

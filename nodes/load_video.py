@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge, comfy_video
-from ..pipelines_core.video_io import (VideoStream, collect, folder_fingerprint, image_sequence, is_image_folder,
+from ..pipelines_core.video.decode import (VideoStream, collect, folder_fingerprint, image_sequence, is_image_folder,
                                        open_video)
 
 ASSETS = comfy_bridge.ASSETS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import comfy_bridge
 from .load_video import _UNLINKED, open_source, source_changed, source_sockets, source_widgets, validate_source
-from ..pipelines_core.models import encode_frame_stream, posterior_generators
+from ..pipelines_core.models.model import encode_frame_stream, posterior_generators
 
 CHUNK_FRAMES = 8  # frames decoded into pixels at once; the VAE takes them 4 at a time, as encode_frames does
 

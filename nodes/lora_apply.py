@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import comfy_bridge
-from ..pipelines_core.lora import add_lora
+from ..pipelines_core.models.lora import add_lora
 
 
 def lora_choices() -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..pipelines_core.temporal import TemporalGuidance
+from ..pipelines_core.methods.temporal_guidance import TemporalGuidance
 
 
 def _window(on: bool, start: float, end: float, label: str):

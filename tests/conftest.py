@@ -10,7 +10,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 @pytest.fixture(scope="session")
 def tiny_model():
     """The builtin:tiny model on the CPU in fp32 (random weights, fixed seed)."""
-    from comfyui_video_edit.pipelines_core.models import load_model
+    from comfyui_video_edit.pipelines_core.models.model import load_model
 
     return load_model("builtin:tiny", dtype="fp32", device="cpu")
 
@@ -33,7 +33,7 @@ def one_thread():
 
 @pytest.fixture
 def fresh_inversion_cache():
-    from comfyui_video_edit.pipelines_core.inversion import clear_inversion_cache
+    from comfyui_video_edit.pipelines_core.sampling.inversion import clear_inversion_cache
 
     clear_inversion_cache()
     yield

@@ -26,10 +26,10 @@ from comfyui_video_edit.headless.cli import main
 from comfyui_video_edit.headless.convert import read_json, to_api_prompt, ui_to_api
 from comfyui_video_edit.headless.object_info import object_info
 from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from comfyui_video_edit.pipelines_core.models import VEModel, encode_prompt
-from comfyui_video_edit.pipelines_core.tiny import write_tiny_tokenizer
-from comfyui_video_edit.pipelines_core.video_encode import encode_video, encoder_layout, reserve_output_path
-from comfyui_video_edit.pipelines_core.video_io import load_video
+from comfyui_video_edit.pipelines_core.models.model import VEModel, encode_prompt
+from comfyui_video_edit.pipelines_core.models.tiny import write_tiny_tokenizer
+from comfyui_video_edit.pipelines_core.video.encode import encode_video, encoder_layout, reserve_output_path
+from comfyui_video_edit.pipelines_core.video.decode import load_video
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "assets" / "sample_pan.mp4"

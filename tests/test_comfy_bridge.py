@@ -130,7 +130,7 @@ print("REPORT " + json.dumps(report))
 
 
 def make_comfy_tree(root: Path) -> Path:
-    from comfyui_video_edit.pipelines_core.tiny import write_tiny_tokenizer
+    from comfyui_video_edit.pipelines_core.models.tiny import write_tiny_tokenizer
 
     for rel, code in COMFY_TREE.items():
         path = root / rel

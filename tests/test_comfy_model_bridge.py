@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_video_edit.pipelines_core import checkpoint as ckpt
-from comfyui_video_edit.pipelines_core.models import DTYPES, model_from_state_dict
-from comfyui_video_edit.pipelines_core.tiny import build_tiny_components, write_tiny_tokenizer
+from comfyui_video_edit.pipelines_core.models import single_file as ckpt
+from comfyui_video_edit.pipelines_core.models.model import DTYPES, model_from_state_dict
+from comfyui_video_edit.pipelines_core.models.tiny import build_tiny_components, write_tiny_tokenizer
 
 from ldm_layout import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, to_ldm_checkpoint
 

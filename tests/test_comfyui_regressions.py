@@ -12,7 +12,7 @@ import torch
 from comfyui_video_edit.headless import object_info
 from comfyui_video_edit.headless.convert import VIRTUAL_TYPES, types_connect, ui_to_api
 from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from comfyui_video_edit.pipelines_core.video_encode import encode_video
+from comfyui_video_edit.pipelines_core.video.encode import encode_video
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 INFO = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-from comfyui_video_edit.pipelines_core import control as ctl
+from comfyui_video_edit.pipelines_core.models import controlnet as ctl
 from comfyui_video_edit.pipelines_core.attention import FrameLayout, VideoAttnProcessor
-from comfyui_video_edit.pipelines_core.control import ControlStack, ControlUnit, load_controlnet
-from comfyui_video_edit.pipelines_core.hints import ANNOTATORS, make_hints
-from comfyui_video_edit.pipelines_core.models import decode_latents
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, StepState, edit_video
-from comfyui_video_edit.pipelines_core.schedulers import make_scheduler
+from comfyui_video_edit.pipelines_core.models.controlnet import ControlStack, ControlUnit, load_controlnet
+from comfyui_video_edit.pipelines_core.models.hints import ANNOTATORS, make_hints
+from comfyui_video_edit.pipelines_core.models.model import decode_latents
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, StepState, edit_video
+from comfyui_video_edit.pipelines_core.sampling.schedulers import make_scheduler
 
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 SIZE = (64, 48)  # (height, width) of the comparison with diffusers

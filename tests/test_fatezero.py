@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from comfyui_video_edit.pipelines_core.attention import AttnEdit, is_self_attention
-from comfyui_video_edit.pipelines_core.attention import p2p
-from comfyui_video_edit.pipelines_core.attention.fatezero import (
+from comfyui_video_edit.pipelines_core.methods import prompt_to_prompt as p2p
+from comfyui_video_edit.pipelines_core.methods.fatezero import (
     FateZeroParams, FateZeroRun, blend_mask, check_same_attention, cross_fusion_steps, fatezero_injection,
     fuse_self_attention, fused_layers, latent_blend_active, mask_level, plan_fatezero, refine_maps, replace_maps,
     self_fusion_steps, word_map,
 )
 from comfyui_video_edit.pipelines_core.attention.store import AttentionStore, RecordSpec, attention_layers, cond_rows
-from comfyui_video_edit.pipelines_core.hooks import Hooks
-from comfyui_video_edit.pipelines_core.injection import Injection, InjectionPlan, PlanContext
-from comfyui_video_edit.pipelines_core.inversion import invert_video
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_video, plan_chunks
+from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
+from comfyui_video_edit.pipelines_core.sampling.injection import Injection, InjectionPlan, PlanContext
+from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video, plan_chunks
 
 SOURCE = "a red car on a road"
 TARGET = "a blue car on a road"
@@ -252,7 +252,7 @@ def recorded_replay(model, inversion) -> AttentionStore:
         return state.latents
 
     def planner(inj, context):
-        from comfyui_video_edit.pipelines_core.injection import InjectionPlan
+        from comfyui_video_edit.pipelines_core.sampling.injection import InjectionPlan
 
         return InjectionPlan(edits_for=lambda n: recording_edits(n, tokens[n], RECORD, buffer),
                              hooks=Hooks(after_step=[flush]))
@@ -344,7 +344,7 @@ def test_C5_threshold_below_zero_is_no_fusion(tiny_model, inversion):
     fused = edit_video(tiny_model, settings(), injection=fatezero_injection(inversion, params))
 
     def explicit_self(inj, context):
-        from comfyui_video_edit.pipelines_core.injection import InjectionPlan
+        from comfyui_video_edit.pipelines_core.sampling.injection import InjectionPlan
 
         return InjectionPlan(edits_for=lambda n: (Observer({}),) if is_self_attention(n) else ())
 

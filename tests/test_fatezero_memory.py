@@ -18,8 +18,8 @@ from test_store import fatezero_bytes, sd15_meta_unet
 from comfyui_video_edit.nodes.attention_injector import VE_AttentionInjector
 from comfyui_video_edit.nodes.ddim_invert import RECORD_CHOICES, VE_DDIMInvert
 from comfyui_video_edit.pipelines_core.attention.store import StoreBudgetError, estimate_bytes, gib
-from comfyui_video_edit.pipelines_core.inversion import invert_video, open_store
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings
+from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video, open_store
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings
 
 GiB = 2**30
 FRAMES, HEIGHT, WIDTH, STEPS = 8, 512, 512, 50  # FateZero's defaults

@@ -10,7 +10,7 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from comfyui_video_edit.pipelines_core.flow import (
+from comfyui_video_edit.pipelines_core.flow.warp import (
     FlowField,
     chain_flows,
     flow_to_image,
@@ -24,8 +24,8 @@ from comfyui_video_edit.pipelines_core.flow import (
     warp_error,
     warp_latents_motion,
 )
-from comfyui_video_edit.pipelines_core.flow_estimate import estimate_flow, estimate_pair_flow, translation_flow
-from comfyui_video_edit.pipelines_core.video_io import load_video
+from comfyui_video_edit.pipelines_core.flow.estimate import estimate_flow, estimate_pair_flow, translation_flow
+from comfyui_video_edit.pipelines_core.video.decode import load_video
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

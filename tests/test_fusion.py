@@ -5,25 +5,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_video_edit.pipelines_core.flow import FlowField, warp_error
-from comfyui_video_edit.pipelines_core.flow_estimate import estimate_flow, translation_flow
-from comfyui_video_edit.pipelines_core.fusion import (
+from comfyui_video_edit.pipelines_core.flow.warp import FlowField, warp_error
+from comfyui_video_edit.pipelines_core.flow.estimate import estimate_flow, translation_flow
+from comfyui_video_edit.pipelines_core.methods.rerender import (
     adain, adain_hook, channel_stats, flows_to_first, in_window, keep_model_eps_hook, latent_renoise_mask,
     noise_rescale, pixel_fusion_targets, renoise_blend_hook, target_latents, x0_warp_fusion_hook,
 )
-from comfyui_video_edit.pipelines_core.models import decode_latents, encode_frames
-from comfyui_video_edit.pipelines_core.motion import (
+from comfyui_video_edit.pipelines_core.models.model import decode_latents, encode_frames
+from comfyui_video_edit.pipelines_core.methods.text2video_zero import (
     motion_dynamics_start, nearest_step, paper_timestep, warp_first_frame,
 )
-from comfyui_video_edit.pipelines_core.sampler import (
+from comfyui_video_edit.pipelines_core.sampling.sampler import (
     Hooks, SamplerSettings, StepState, VideoDenoiser, denoise_loop, edit_video, plan_chunks,
 )
-from comfyui_video_edit.pipelines_core.schedulers import make_scheduler
-from comfyui_video_edit.pipelines_core.smoother import (
+from comfyui_video_edit.pipelines_core.sampling.schedulers import make_scheduler
+from comfyui_video_edit.pipelines_core.methods.controlvideo import (
     average_interpolator, flow_interpolator, interleaved_smoother_hook, smoothing_steps,
 )
-from comfyui_video_edit.pipelines_core.tiny import SD_SCHEDULER_CONFIG
-from comfyui_video_edit.pipelines_core.video_io import load_video
+from comfyui_video_edit.pipelines_core.models.tiny import SD_SCHEDULER_CONFIG
+from comfyui_video_edit.pipelines_core.video.decode import load_video
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PROMPT = "a watercolour painting"
@@ -364,7 +364,7 @@ def test_D7_motion_start_moves_frame_k_by_k_cells_before_the_noise():
 
 
 def test_motion_start_runs_with_the_sampler_denoiser(tiny_model):
-    from comfyui_video_edit.pipelines_core.models import encode_prompt
+    from comfyui_video_edit.pipelines_core.models.model import encode_prompt
 
     scheduler = make_scheduler("ddim", tiny_model.scheduler_config)
     scheduler.set_timesteps(20)  # grid 951, 901, ...: t1 -> 951 (step 0), t0 -> 901 (step 1)

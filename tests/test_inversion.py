@@ -8,13 +8,13 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 
 from comfyui_video_edit.pipelines_core.attention.processor import VideoAttnProcessor
-from comfyui_video_edit.pipelines_core.inversion import (
+from comfyui_video_edit.pipelines_core.sampling.inversion import (
     Inversion, check_invertible, clear_inversion_cache, ddim_invert, ddim_sample, ddim_schedulers, invert_video,
     latent_at, psnr, reconstruct, reconstruction_psnr,
 )
-from comfyui_video_edit.pipelines_core.models import decode_latents, encode_frames, encode_prompt, load_model
-from comfyui_video_edit.pipelines_core.sampler import Hooks
-from comfyui_video_edit.pipelines_core.tiny import SD_SCHEDULER_CONFIG
+from comfyui_video_edit.pipelines_core.models.model import decode_latents, encode_frames, encode_prompt, load_model
+from comfyui_video_edit.pipelines_core.sampling.sampler import Hooks
+from comfyui_video_edit.pipelines_core.models.tiny import SD_SCHEDULER_CONFIG
 
 F64 = torch.float64
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_video_edit.pipelines_core.lora import (
+from comfyui_video_edit.pipelines_core.models.lora import (
     LoraSpec, add_lora, adapter_name_for, check_lora, lora_scope, unload_loras,
 )
-from comfyui_video_edit.pipelines_core.models import encode_prompt, load_model
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.models.model import encode_prompt, load_model
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video
 
 UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "ff.net.2")
 TE_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1")

@@ -5,13 +5,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from comfyui_video_edit.pipelines_core.attention.pnp import StepWindow
-from comfyui_video_edit.pipelines_core.hooks import StepState
-from comfyui_video_edit.pipelines_core.inversion import invert_video
-from comfyui_video_edit.pipelines_core.pix2video import (
+from comfyui_video_edit.pipelines_core.methods.plug_and_play import StepWindow
+from comfyui_video_edit.pipelines_core.sampling.hooks import StepState
+from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
+from comfyui_video_edit.pipelines_core.methods.pix2video import (
     Pix2VideoParams, PreviousFrameGuidance, pix2video_injection, x0_guidance,
 )
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video
 
 SOURCE = "a photo of a street"
 STEPS = 6

@@ -12,17 +12,17 @@ from comfyui_video_edit import pipelines_core
 from comfyui_video_edit.pipelines_core.attention.layers import (
     decoder_self_attention, ldm_decoder_layers, pnp_attention_layers, pnp_feature_module,
 )
-from comfyui_video_edit.pipelines_core.attention.pnp import PnPParams, pnp_injection, pnp_planner
+from comfyui_video_edit.pipelines_core.methods.plug_and_play import PnPParams, pnp_injection, pnp_planner
 from comfyui_video_edit.pipelines_core.attention.processor import AttnEdit, FrameLayout, VideoAttnProcessor
 from comfyui_video_edit.pipelines_core.attention.rules import all_frames, own_frame
-from comfyui_video_edit.pipelines_core.attention.tokenflow import (
+from comfyui_video_edit.pipelines_core.methods.tokenflow import (
     ExtendedAttention, KeyframeLayout, TokenFlowParams, TokenFlowRun, keyframe_pairs, nearest_tokens,
     propagate_from_keyframes, tokenflow_injection, tokenflow_planner,
 )
-from comfyui_video_edit.pipelines_core.hooks import Hooks
-from comfyui_video_edit.pipelines_core.injection import Injection, InjectionPlan
-from comfyui_video_edit.pipelines_core.inversion import invert_video
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
+from comfyui_video_edit.pipelines_core.sampling.injection import Injection, InjectionPlan
+from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video
 
 SOURCE = "a photo of a street"
 TARGET = "an oil painting of a dragon"

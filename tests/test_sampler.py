@@ -5,9 +5,9 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from comfyui_video_edit.pipelines_core.attention.processor import VideoAttnProcessor
-from comfyui_video_edit.pipelines_core.models import decode_latents
-from comfyui_video_edit.pipelines_core.sampler import Hooks, SamplerSettings, edit_video, plan_chunks
-from comfyui_video_edit.pipelines_core.schedulers import SCHEDULERS, make_scheduler
+from comfyui_video_edit.pipelines_core.models.model import decode_latents
+from comfyui_video_edit.pipelines_core.sampling.sampler import Hooks, SamplerSettings, edit_video, plan_chunks
+from comfyui_video_edit.pipelines_core.sampling.schedulers import SCHEDULERS, make_scheduler
 
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 

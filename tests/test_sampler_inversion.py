@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from comfyui_video_edit.pipelines_core.injection import Injection, InjectionPlan
-from comfyui_video_edit.pipelines_core.inversion import invert_video
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.sampling.injection import Injection, InjectionPlan
+from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video
 
 SOURCE = "a photo of a street"
 

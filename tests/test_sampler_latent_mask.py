@@ -11,12 +11,12 @@ from diffusers import StableDiffusionInpaintPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS
-from comfyui_video_edit.pipelines_core.hooks import Hooks
-from comfyui_video_edit.pipelines_core.inversion import invert_video
-from comfyui_video_edit.pipelines_core.masking import mask_on_latent_grid
-from comfyui_video_edit.pipelines_core.models import encode_frames, frames_to_pixels
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, edit_video, frame_generators, img2img_timesteps
-from comfyui_video_edit.pipelines_core.schedulers import SCHEDULERS, make_scheduler
+from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
+from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
+from comfyui_video_edit.pipelines_core.sampling.masking import mask_on_latent_grid
+from comfyui_video_edit.pipelines_core.models.model import encode_frames, frames_to_pixels
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video, frame_generators, img2img_timesteps
+from comfyui_video_edit.pipelines_core.sampling.schedulers import SCHEDULERS, make_scheduler
 
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 

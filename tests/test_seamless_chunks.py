@@ -10,16 +10,16 @@ import torch
 from comfyui_video_edit.nodes.cross_frame_sampler import VE_CrossFrameSampler
 from comfyui_video_edit.pipelines_core.attention import (NEEDS_ANCHOR, NEEDS_PREVIOUS, FrameLayout, VideoAttnProcessor,
                                                          attention_processors, get_rule, is_self_attention)
-from comfyui_video_edit.pipelines_core.attention.pnp import pnp_injection
+from comfyui_video_edit.pipelines_core.methods.plug_and_play import pnp_injection
 from comfyui_video_edit.pipelines_core.attention.rules import own_frame
-from comfyui_video_edit.pipelines_core.flow import FlowField, warp_error
-from comfyui_video_edit.pipelines_core.flow_estimate import estimate_flow
-from comfyui_video_edit.pipelines_core.inversion import invert_video
-from comfyui_video_edit.pipelines_core.models import decode_latents, encode_prompt
-from comfyui_video_edit.pipelines_core.sampler import (SamplerSettings, StepState, VideoDenoiser, denoise_loop,
+from comfyui_video_edit.pipelines_core.flow.warp import FlowField, warp_error
+from comfyui_video_edit.pipelines_core.flow.estimate import estimate_flow
+from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
+from comfyui_video_edit.pipelines_core.models.model import decode_latents, encode_prompt
+from comfyui_video_edit.pipelines_core.sampling.sampler import (SamplerSettings, StepState, VideoDenoiser, denoise_loop,
                                                        edit_video, frame_generators, initial_noise, plan_chunks)
-from comfyui_video_edit.pipelines_core.schedulers import make_scheduler
-from comfyui_video_edit.pipelines_core.video_io import load_video
+from comfyui_video_edit.pipelines_core.sampling.schedulers import make_scheduler
+from comfyui_video_edit.pipelines_core.video.decode import load_video
 
 PROMPT, NEGATIVE = "a watercolor painting", "blurry"
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "sample_pan.mp4"

@@ -105,7 +105,7 @@ def test_every_graph_in_one_process_leaves_shared_outputs_unchanged_and_gives_fr
 
 def test_the_fingerprint_sees_an_in_place_change(tiny_model):
     """The check above would pass vacuously if the fingerprint missed what a LoRA leaves behind."""
-    from comfyui_video_edit.pipelines_core.lora import _remove_adapters
+    from comfyui_video_edit.pipelines_core.models.lora import _remove_adapters
 
     before = fingerprint({"model": tiny_model})
     from peft import LoraConfig, inject_adapter_in_model

@@ -14,7 +14,7 @@ import comfyui_video_edit.pipelines_core as core
 from comfyui_video_edit.pipelines_core.attention.store import (
     AttentionStore, RecordSpec, StoreBudgetError, attention_layers, estimate_bytes, over_budget_message,
 )
-from comfyui_video_edit.pipelines_core.inversion import invert_video
+from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
 
 GiB = 2**30
 EVERYTHING = RecordSpec(self_probs=True, cross_probs=True, qk=True, features=("up_blocks.0.resnets.1", "mid_block"))

@@ -20,11 +20,11 @@ from comfyui_video_edit.nodes.comfy_video import ComponentsVideo, FileVideo
 from comfyui_video_edit.nodes.load_video import VE_LoadVideo
 from comfyui_video_edit.nodes.load_video_latents import CHUNK_FRAMES, VE_LoadVideoLatents
 from comfyui_video_edit.nodes.video_encode import VE_VideoEncode
-from comfyui_video_edit.pipelines_core.models import (decode_latent_stream, decode_latents, encode_frame_stream,
+from comfyui_video_edit.pipelines_core.models.model import (decode_latent_stream, decode_latents, encode_frame_stream,
                                                       encode_frames, posterior_generators)
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, frame_generators, sample_video
-from comfyui_video_edit.pipelines_core.video_encode import encode_video
-from comfyui_video_edit.pipelines_core.video_io import load_video, open_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, frame_generators, sample_video
+from comfyui_video_edit.pipelines_core.video.encode import encode_video
+from comfyui_video_edit.pipelines_core.video.decode import load_video, open_video
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "assets" / "sample_pan.mp4")
@@ -226,11 +226,11 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
-from comfyui_video_edit.pipelines_core.models import (load_model, encode_frame_stream, posterior_generators,
+from comfyui_video_edit.pipelines_core.models.model import (load_model, encode_frame_stream, posterior_generators,
                                                       decode_latent_stream, decode_latents)
-from comfyui_video_edit.pipelines_core.sampler import SamplerSettings, sample_video
-from comfyui_video_edit.pipelines_core.video_io import load_video, open_video
-from comfyui_video_edit.pipelines_core.video_encode import encode_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, sample_video
+from comfyui_video_edit.pipelines_core.video.decode import load_video, open_video
+from comfyui_video_edit.pipelines_core.video.encode import encode_video
 
 mode, clip, frames, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 model = load_model("builtin:tiny", device="cpu")

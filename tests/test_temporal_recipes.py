@@ -8,8 +8,8 @@ import pytest
 
 from comfyui_video_edit.headless import execute, object_info, ui_to_api
 from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_bridge
-from comfyui_video_edit.pipelines_core.flow import warp_error
-from comfyui_video_edit.pipelines_core.flow_estimate import estimate_flow
+from comfyui_video_edit.pipelines_core.flow.warp import warp_error
+from comfyui_video_edit.pipelines_core.flow.estimate import estimate_flow
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 INFO = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)

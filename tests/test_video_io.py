@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_video_edit.pipelines_core import video_encode
-from comfyui_video_edit.pipelines_core.video_io import (
+from comfyui_video_edit.pipelines_core.video import encode as video_encode
+from comfyui_video_edit.pipelines_core.video.decode import (
     encode_video, format_spec, list_formats, load_video, output_size, select_frames,
 )
 

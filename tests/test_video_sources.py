@@ -27,7 +27,7 @@ from comfyui_video_edit.headless import execute
 from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, comfy_bridge
 from comfyui_video_edit.nodes.load_video import VE_LoadVideo
 from comfyui_video_edit.nodes.video_encode import VE_VideoEncode
-from comfyui_video_edit.pipelines_core.video_io import image_files, load_video
+from comfyui_video_edit.pipelines_core.video.decode import image_files, load_video
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 STEP = 20  # index colour: frame i has red = STEP * i

@@ -10,7 +10,7 @@ from comfyui_video_edit.headless import execute, object_info, ui_to_api
 from comfyui_video_edit.headless.api_to_ui import api_to_ui
 from comfyui_video_edit.headless.cli import main
 from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_bridge
-from comfyui_video_edit.pipelines_core.video_io import load_video
+from comfyui_video_edit.pipelines_core.video.decode import load_video
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 INFO = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)

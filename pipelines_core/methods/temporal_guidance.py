@@ -15,16 +15,16 @@ from typing import Optional
 
 import torch
 
-from .flow import FlowField
-from .fusion import (
+from ..flow.warp import FlowField
+from .rerender import (
     adain_hook, keep_model_eps_hook, latent_renoise_mask, pixel_fusion_targets, renoise_blend_hook, target_latents,
     x0_warp_fusion_hook,
 )
-from .hooks import Hooks
-from .models import VEModel, decode_latents, encode_frames
-from .sampler import SamplerSettings, clip_extent, edit_video
-from .schedulers import make_scheduler
-from .smoother import interleaved_smoother_hook
+from ..sampling.hooks import Hooks
+from ..models.model import VEModel, decode_latents, encode_frames
+from ..sampling.sampler import SamplerSettings, clip_extent, edit_video
+from ..sampling.schedulers import make_scheduler
+from .controlvideo import interleaved_smoother_hook
 
 Window = Optional[tuple]  # (start, end) as fractions of the run, or None = off
 

@@ -22,9 +22,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .flow import image_to_nchw, interpolate_midframe
-from .flow_estimate import estimate_pair_flow
-from .hooks import Hook, StepState
+from ..flow.warp import image_to_nchw, interpolate_midframe
+from ..flow.estimate import estimate_pair_flow
+from ..sampling.hooks import Hook, StepState
 
 Interpolator = Callable[[Tensor, Tensor], Tensor]  # (previous IMAGE (N,H,W,3), next IMAGE) -> the frames between
 

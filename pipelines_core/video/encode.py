@@ -31,7 +31,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-FORMATS_DIR = Path(__file__).with_name("video_formats")
+FORMATS_DIR = Path(__file__).with_name("formats")
 _REQUIRED_KEYS = ("extension", "codec", "pix_fmt", "quality", "audio_codec", "image_sequence")
 # Channel count -> FFmpeg layout name for the AUDIO waveform (and for the encoder, when its codec takes it).
 _LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1"}

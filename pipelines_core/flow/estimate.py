@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .flow import OCC_ALPHA, OCC_BETA, FlowField, image_to_nchw
-from .progress import Progress, or_silent
+from .warp import OCC_ALPHA, OCC_BETA, FlowField, image_to_nchw
+from ..sampling.progress import Progress, or_silent
 
 METHODS = ("dis", "farneback", "raft")
 RAFT_MIN_SIZE = 128  # RAFT's correlation pyramid needs feature maps of at least 16 cells

@@ -112,7 +112,7 @@ def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Option
     if is_diffusers_folder(source):
         return _load_diffusers_folder(source, torch_dtype)
     if os.path.isfile(source) and source.lower().endswith(CHECKPOINT_EXTENSIONS):
-        from .checkpoint import find_tokenizer_dir, load_single_file
+        from .single_file import find_tokenizer_dir, load_single_file
 
         tok = find_tokenizer_dir(source, tokenizer_dir or None, tuple(tokenizer_candidates))
         return load_single_file(source, tokenizer_dir=tok, torch_dtype=torch_dtype)
@@ -160,7 +160,7 @@ def model_from_state_dict(state: dict, tokenizer, dtype: str = "fp32", device: s
     ComfyUI model being patched or unpatched) do not reach the model. `source` names it in errors and repr;
     `config_dir` defaults to the shipped SD-1.5 configs.
     """
-    from .checkpoint import components_from_state_dict
+    from .single_file import components_from_state_dict
 
     torch_dtype, target = _dtype_and_device(dtype, device)
     parts = components_from_state_dict(state, tokenizer, config_dir=config_dir, torch_dtype=torch_dtype,

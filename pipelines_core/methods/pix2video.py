@@ -31,13 +31,13 @@ from typing import Optional
 
 import torch
 
-from .attention.attach import is_self_attention
-from .attention.layers import decoder_self_attention
-from .attention.pnp import StepWindow
-from .attention.processor import AttnCall, AttnEdit
-from .attention.rules import first_and_previous, own_frame
-from .hooks import Hooks, StepState
-from .injection import Injection, InjectionPlan, PlanContext
+from ..attention.attach import is_self_attention
+from ..attention.layers import decoder_self_attention
+from .plug_and_play import StepWindow
+from ..attention.processor import AttnCall, AttnEdit
+from ..attention.rules import first_and_previous, own_frame
+from ..sampling.hooks import Hooks, StepState
+from ..sampling.injection import Injection, InjectionPlan, PlanContext
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Iterator, Optional
 import torch
 from einops import rearrange, repeat
 
-from ..injection import Injection, InjectionPlan, PlanContext
-from .layers import pnp_attention_layers, pnp_feature_module
-from .processor import AttnCall, AttnEdit, FrameLayout
+from ..sampling.injection import Injection, InjectionPlan, PlanContext
+from ..attention.layers import pnp_attention_layers, pnp_feature_module
+from ..attention.processor import AttnCall, AttnEdit, FrameLayout
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .flow import motion_field, warp_latents_motion
-from .progress import Progress
-from .sampler import Denoiser, denoise_loop
+from ..flow.warp import motion_field, warp_latents_motion
+from ..sampling.progress import Progress
+from ..sampling.sampler import Denoiser, denoise_loop
 
 PAPER_STEPS = 50
 

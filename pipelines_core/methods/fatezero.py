@@ -62,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..hooks import Hooks, StepState
-from ..injection import Injection, InjectionPlan, PlanContext
-from ..sampler import plan_chunks
-from . import p2p
-from .processor import AttnCall, AttnEdit
-from .store import attention_layers, cond_rows
+from ..sampling.hooks import Hooks, StepState
+from ..sampling.injection import Injection, InjectionPlan, PlanContext
+from ..sampling.sampler import plan_chunks
+from . import prompt_to_prompt as p2p
+from ..attention.processor import AttnCall, AttnEdit
+from ..attention.store import attention_layers, cond_rows
 
 MODES = ("refine", "replace")
 SOURCES = ("live", "stored")  # source maps: the live source branch, or maps recorded by DDIM Invert

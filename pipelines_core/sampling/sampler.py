@@ -22,11 +22,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .attention import NEEDS_ANCHOR, NEEDS_PREVIOUS, FrameLayout, VideoAttnProcessor, attention_processors, get_rule
-from .attention.attach import is_self_attention
-from .attention.processor import gathered_kv_bytes
-from .attention.rules import own_frame
-from .models import VEModel, encode_frames, encode_prompt
+from ..attention import NEEDS_ANCHOR, NEEDS_PREVIOUS, FrameLayout, VideoAttnProcessor, attention_processors, get_rule
+from ..attention.attach import is_self_attention
+from ..attention.processor import gathered_kv_bytes
+from ..attention.rules import own_frame
+from ..models.model import VEModel, encode_frames, encode_prompt
 from .progress import Progress, or_silent
 from .hooks import Hooks, StepState, fold  # noqa: F401  (StepState: part of the sampler's API)
 from .injection import InjectionPlan, PlanContext
@@ -367,7 +367,7 @@ def check_frames(frames: torch.Tensor) -> None:
 
 def edit_video(model: VEModel, settings: "SamplerSettings", *args, **kwargs) -> torch.Tensor:
     """Sample a video's latents with the model's LoRAs active (see `sample_video` for the arguments)."""
-    from .lora import lora_scope
+    from ..models.lora import lora_scope
 
     with lora_scope(model):
         return sample_video(model, settings, *args, **kwargs)
@@ -508,7 +508,7 @@ def _motion_start(denoiser: VideoDenoiser, scheduler, settings: SamplerSettings,
     """Text2Video-Zero's start: frame 0 alone (with the same prompts and control) to t1 and t0, then moved."""
     from dataclasses import replace as replace_field
 
-    from .motion import motion_dynamics_start
+    from ..methods.text2video_zero import motion_dynamics_start
 
     if settings.scheduler != "ddim":
         raise ValueError(f"motion dynamics needs the 'ddim' scheduler (Text2Video-Zero's), not {settings.scheduler!r}")

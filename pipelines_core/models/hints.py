@@ -114,7 +114,7 @@ def load_annotator(preprocessor: str, annotator_dir: Optional[str], device: str 
     """A controlnet-aux detector built from local weights only (files checked first, Hub forced offline)."""
     import importlib
 
-    from .checkpoint import hub_offline
+    from .single_file import hub_offline
 
     annotator_files(preprocessor, annotator_dir)
     spec = ANNOTATORS[preprocessor]

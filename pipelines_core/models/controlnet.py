@@ -211,7 +211,7 @@ class ControlStack:
 # --- loading ----------------------------------------------------------------------------------------
 
 def _resolve(dtype: Union[torch.dtype, str], device: Union[torch.device, str]) -> tuple:
-    from .models import DTYPES, resolve_device
+    from .model import DTYPES, resolve_device
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -294,7 +294,7 @@ def load_controlnet(
     """
     from diffusers import ControlNetModel
 
-    from .checkpoint import hub_offline, read_state_dict
+    from .single_file import hub_offline, read_state_dict
 
     dtype, device = _resolve(dtype, device)
     load_dtype = None if dtype == torch.float32 else dtype  # fp32 is the default; naming it only adds a warning

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
-from .video_encode import encode_video, format_spec, list_formats
+from .encode import encode_video, format_spec, list_formats
 
 __all__ = ["load_video", "open_video", "collect", "VideoStream", "Clip", "encode_video", "list_formats", "format_spec",
            "select_frames",

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-from .models import VEModel
+from .model import VEModel
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PARTS = ("unet", "text_encoder")  # the SD-1.5 modules a LoRA may change, as diffusers names them

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .flow import FlowField, chain_flows, image_to_nchw, latent_flow, latent_occlusion, warp
-from .hooks import Hook, StepState
-from .schedulers import SCHEDULERS, predicted_x0
+from ..flow.warp import FlowField, chain_flows, image_to_nchw, latent_flow, latent_occlusion, warp
+from ..sampling.hooks import Hook, StepState
+from ..sampling.schedulers import SCHEDULERS, predicted_x0
 
 # Rerender's occlusion-mask softening: max-pool 9 then a 9x9 Gaussian with sigma 18 (nearly a box).
 MASK_GROW, MASK_BLUR, MASK_SIGMA = 9, 9, 18.0

@@ -19,8 +19,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from .attention.processor import AttnEdit
-from .attention.rules import Rule
+from ..attention.processor import AttnEdit
+from ..attention.rules import Rule
 from .hooks import Hooks
 
 

@@ -23,13 +23,13 @@ from typing import Optional
 
 import torch
 
-from .attention import VideoAttnProcessor, attention_processors, get_rule, is_self_attention
-from .attention.rules import own_frame
-from .attention.store import (
+from ..attention import VideoAttnProcessor, attention_processors, get_rule, is_self_attention
+from ..attention.rules import own_frame
+from ..attention.store import (
     DISK_FIX, AttentionStore, RecordSpec, StepBuffer, StoreBudgetError, attention_layers, estimate_bytes,
     feature_recording, key_frames, over_budget_message, recording_edits,
 )
-from .models import VEModel, decode_latents, encode_frames, encode_prompt
+from ..models.model import VEModel, decode_latents, encode_frames, encode_prompt
 from .progress import Progress, or_silent
 from .sampler import Hooks, StepState, VideoDenoiser, check_frames, denoise_loop, plan_chunks
 

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from ..injection import Injection, InjectionPlan, PlanContext
-from .attach import is_self_attention
-from .pnp import PnPParams, check_inversion, pnp_plan_for
-from .processor import AttnCall, AttnEdit, FrameLayout
-from .rules import own_frame
+from ..sampling.injection import Injection, InjectionPlan, PlanContext
+from ..attention.attach import is_self_attention
+from .plug_and_play import PnPParams, check_inversion, pnp_plan_for
+from ..attention.processor import AttnCall, AttnEdit, FrameLayout
+from ..attention.rules import own_frame
 
 BLENDS = ("linear", "sigmoid")
 NN_BLOCK = 2**26  # similarity entries computed at once in the nearest-neighbour search

@@ -1,0 +1,1 @@
+"""Optical flow: estimation (OpenCV DIS, RAFT) and warping, occlusion, chaining."""

@@ -1,0 +1,1 @@
+"""Video files: decoding clips and image sequences, encoding with VideoHelperSuite-style formats."""
