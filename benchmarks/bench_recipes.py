@@ -60,7 +60,6 @@ def run_child(recipe: str, args) -> dict:
 
     info = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
     prompt = configure(ui_to_api(json.loads((ROOT / "workflows" / f"{recipe}.json").read_text()), info), args)
-    comfy_bridge.set_output_directory(args.output_dir)
 
     calls, unets = [], []
 
@@ -74,7 +73,8 @@ def run_child(recipe: str, args) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = execute(prompt, NODE_CLASS_MAPPINGS)
+    with comfy_bridge.writing_to(args.output_dir):
+        result = execute(prompt, NODE_CLASS_MAPPINGS)
     sync()
     wall = time.perf_counter() - start
     handle.remove()
@@ -155,7 +155,8 @@ def run_sweep_child(path: str, clip: str, frames: int, args) -> dict:
 
     from comfyui_video_edit.pipelines_core.models.model import (decode_latent_stream, decode_latents, encode_frame_stream,
                                                           load_model, posterior_generators)
-    from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, sample_video
+    from comfyui_video_edit.pipelines_core.sampling.sampler import sample_video
+    from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
     from comfyui_video_edit.pipelines_core.video.encode import encode_video
     from comfyui_video_edit.pipelines_core.video.decode import load_video, open_video
 

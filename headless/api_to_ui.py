@@ -10,14 +10,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from .links import is_link
 from .convert import _has_upload_widget, _input_specs, _is_combo, _takes_widget, _ui_only_widgets
 
 COLUMN_WIDTH, ROW_HEIGHT = 380, 420
 UI_ONLY_FILLERS = ("fixed", "")  # control-after-generate value, then the combo filter
-
-
-def _is_link(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
 def _depths(prompt: dict) -> dict[str, int]:
@@ -25,7 +22,7 @@ def _depths(prompt: dict) -> dict[str, int]:
 
     def walk(node_id: str) -> int:
         if node_id not in depth:
-            parents = [v[0] for v in prompt[node_id]["inputs"].values() if _is_link(v) and v[0] in prompt]
+            parents = [v[0] for v in prompt[node_id]["inputs"].values() if is_link(v) and v[0] in prompt]
             depth[node_id] = 1 + max((walk(p) for p in parents), default=-1)
         return depth[node_id]
 
@@ -56,13 +53,13 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         for spec in specs:  # sockets first, as the canvas lists them
             if not _takes_widget(spec) and spec.name in entry["inputs"]:
                 inputs.append({"name": spec.name, "type": spec.type, "link": None})
-            elif _is_socket_only(spec) and _is_link(entry["inputs"].get(spec.name)):
+            elif _is_socket_only(spec) and is_link(entry["inputs"].get(spec.name)):
                 inputs.append({"name": spec.name, "type": spec.type, "link": None})
         for spec in specs:
             if not _takes_widget(spec) or _is_socket_only(spec):  # a forceInput widget type has no widget slot
                 continue
             value = entry["inputs"].get(spec.name, spec.options.get("default"))
-            linked = _is_link(value)
+            linked = is_link(value)
             inputs.append({"name": spec.name, "type": "COMBO" if _is_combo(spec.type) else spec.type,
                            "widget": {"name": spec.name}, "link": None})
             values.append(spec.options.get("default") if linked else value)
@@ -71,7 +68,7 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
             values.append("video" if any(s.options.get("video_upload") for s in specs) else "image")
         for slot, item in enumerate(inputs):
             value = entry["inputs"].get(item["name"])
-            if _is_link(value):
+            if is_link(value):
                 link_id = len(links) + 1
                 origin, origin_slot = value
                 links.append([link_id, ids[origin], origin_slot, ids[node_id], slot,

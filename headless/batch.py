@@ -471,9 +471,8 @@ def run_shot(job: dict) -> dict:
     try:
         _DEVICE[0] = _claim_assigned_gpu() if job.get("gpus") else None
         mappings = _worker_mappings(job["nodes"])
-        os.makedirs(job["output_dir"], exist_ok=True)
-        cli.set_output_directory(job["output_dir"])
-        result = execute(job["prompt"], mappings, extra_pnginfo=job["extra_pnginfo"])
+        with cli.writing_to(job["output_dir"]):
+            result = execute(job["prompt"], mappings, extra_pnginfo=job["extra_pnginfo"])
         reply.update(status="done", files=[os.path.abspath(p) for p in cli.written_files(result)])
         del result
     except Exception as exc:  # reported in the batch's table; the traceback travels with --debug

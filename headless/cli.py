@@ -2,7 +2,7 @@
 
     video-edit run WORKFLOW.json [--set ID.input=value ...] [--video PATH] [--prompt TEXT]
                                  [--seed N] [--output-dir DIR] [--debug]
-    video-edit nodes
+    video-edit nodes [--methods]
 
 Exit codes (also in `video-edit --help`): see EXIT_CODES.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib
 import json
 import logging
@@ -18,7 +19,7 @@ import os
 import signal
 import sys
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 from . import batch  # `video-edit batch` (Ray); batch.py imports this module too, by module
 from .convert import ConversionError, detect_format, read_json, to_api_prompt
@@ -27,6 +28,7 @@ from .object_info import object_info
 
 DEFAULT_NODE_PACK = "comfyui_video_edit.nodes"
 BRIDGE_MODULE = "comfyui_video_edit.nodes.comfy_bridge"
+METHODS_MODULE = "comfyui_video_edit.nodes.methods"  # the method-node registry: renders its Markdown table
 
 # Shortcut option -> the (node class, input) pairs it sets, on every node of that class.
 SHORTCUTS: dict[str, list[tuple[str, str]]] = {
@@ -79,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "writing before anything runs)")
     run.add_argument("--consistency", action="store_true",
                      help="print each output's temporal warp error under the source clip's optical flow")
-    commands.add_parser("nodes", parents=[common], help="list the node types this runner knows")
+    nodes = commands.add_parser("nodes", parents=[common], help="list the node types this runner knows")
+    nodes.add_argument("--methods", action="store_true",
+                       help="print the method nodes (one per paper) as the README's Markdown table")
     to_ui = commands.add_parser("to-ui", parents=[common],
                                 help="turn an API-format workflow into a canvas (UI) workflow ComfyUI can load")
     to_ui.add_argument("workflow", help="API-format workflow JSON (or a /prompt body)")
@@ -137,13 +141,17 @@ def check_output_directory(path: str) -> None:
                              "choose a folder you can write to") from exc
 
 
-def set_output_directory(path: str) -> None:
+def writing_to(path: Optional[str]):
+    """Output nodes of the run inside the block write to `path` (the node pack's bridge knows how); None: where
+    the pack writes by default."""
+    if path is None:
+        return contextlib.nullcontext()
     try:
         bridge = importlib.import_module(BRIDGE_MODULE)
     except ImportError as exc:
         raise NodePackError(f"--output-dir needs {BRIDGE_MODULE}, which cannot be imported: {exc}") from exc
     os.makedirs(path, exist_ok=True)
-    bridge.set_output_directory(path)
+    return bridge.writing_to(path)
 
 
 def written_files(result: RunResult) -> list[str]:
@@ -174,10 +182,9 @@ def run_command(args: argparse.Namespace) -> int:
     video = os.path.abspath(args.video) if args.video else None
     prompt = apply_shortcuts(prompt, {"video": video, "prompt": args.prompt, "seed": args.seed})
     prompt = apply_overrides(prompt, args.sets, mappings)
-    if args.output_dir:
-        set_output_directory(os.path.abspath(args.output_dir))
     extra_pnginfo = {"workflow": data} if detect_format(data) == "ui" else None
-    result = execute(prompt, mappings, extra_pnginfo=extra_pnginfo)
+    with writing_to(os.path.abspath(args.output_dir) if args.output_dir else None):
+        result = execute(prompt, mappings, extra_pnginfo=extra_pnginfo)
     for path in written_files(result):
         print(path)
     if args.consistency:
@@ -230,10 +237,32 @@ def to_ui_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def node_listing(mappings: dict, display_names: dict, methods: tuple = ()) -> list[str]:
+    """`NAME<tab>DISPLAY NAME` per node, sorted; then a pack's method nodes (with their paper) and its deprecated
+    nodes, each group after an empty line and a `#` line (a pack with neither gives one line per node, no more)."""
+    method_ids = {m.node_id for m in methods}
+    deprecated = sorted(n for n, cls in mappings.items() if getattr(cls, "DEPRECATED", False) and n not in method_ids)
+    lines = [f"{n}\t{display_names.get(n, n)}" for n in sorted(mappings) if n not in method_ids | set(deprecated)]
+    if methods:
+        lines += ["", "# methods: one node per paper (`video-edit nodes --methods` prints them as a Markdown table)"]
+        lines += [f"{m.node_id}\t{display_names.get(m.node_id, m.display_name)}\t{m.paper.cite()}"
+                  for m in methods if m.node_id in mappings]
+    if deprecated:
+        lines += ["", "# deprecated: kept so that old workflows load (ComfyUI hides them from its node search)"]
+        lines += [f"{n}\t{display_names.get(n, n)}" for n in deprecated]
+    return lines
+
+
 def nodes_command(args: argparse.Namespace) -> int:
     mappings, display_names = load_node_pack(args.nodes)
-    for name in sorted(mappings):
-        print(f"{name}\t{display_names.get(name, name)}")
+    methods = tuple(getattr(importlib.import_module(args.nodes), "METHODS", None) or ())
+    if args.methods:
+        if not methods:
+            raise NodePackError(f"'{args.nodes}' declares no METHODS: it has no method nodes to list")
+        print(importlib.import_module(METHODS_MODULE).markdown_table(methods))
+        return 0
+    for line in node_listing(mappings, display_names, methods):
+        print(line)
     return 0
 
 

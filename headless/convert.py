@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .links import is_link
+
 VIRTUAL_TYPES = frozenset({"Reroute", "PrimitiveNode", "Note", "MarkdownNote"})
 MODE_MUTED, MODE_BYPASS = 2, 4
 SUBGRAPH_INPUT_NODE, SUBGRAPH_OUTPUT_NODE = "-10", "-20"
@@ -374,15 +376,11 @@ class _Converter:
         return _Origin(scope.prefix + str(node["id"]), int(slot))
 
 
-def _is_link(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
-
-
 def _drop_links_to_missing(prompt: dict) -> None:
     """Links to nodes that were not emitted (muted ones) vanish, widget or not."""
     for entry in prompt.values():
         inputs = entry["inputs"]
-        for name in [n for n, v in inputs.items() if _is_link(v) and str(v[0]) not in prompt]:
+        for name in [n for n, v in inputs.items() if is_link(v) and str(v[0]) not in prompt]:
             del inputs[name]
 
 

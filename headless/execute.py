@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterable
 
+from .links import is_link
+
 PRIMITIVE_CASTS = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
 HIDDEN_NONE = frozenset({"EXTRA_PNGINFO", "DYNPROMPT", "AUTH_TOKEN_COMFY_ORG", "API_KEY_COMFY_ORG"})
 MAX_LISTED_CHOICES = 8
@@ -67,11 +69,6 @@ class RunResult:
 
 
 # --- prompt structure ----------------------------------------------------------------------
-
-
-def is_link(value: Any) -> bool:
-    """In an API prompt a list input is a link `[node_id, slot]`; list constants are wrapped."""
-    return isinstance(value, list)
 
 
 def _input_specs(cls: type) -> tuple[dict, dict, dict]:

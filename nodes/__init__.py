@@ -1,4 +1,8 @@
-"""The pack's nodes: thin adapters from ComfyUI's node contract to pipelines_core."""
+"""The pack's nodes: thin adapters from ComfyUI's node contract to pipelines_core.
+
+Method nodes (one per paper) are not listed here: each declares itself in a `method_<name>.py` file and
+`methods.discover()` finds it (see methods.py).
+"""
 
 from .attention_injector import VE_AttentionInjector
 from .comfy_model import VE_FromComfyModel
@@ -10,8 +14,11 @@ from .load_model import VE_LoadModel
 from .load_video import VE_LoadVideo
 from .load_video_latents import VE_LoadVideoLatents
 from .lora_apply import VE_LoRAApply
+from .methods import discover
 from .temporal_guidance import VE_TemporalGuidance
 from .video_encode import VE_VideoEncode
+
+METHODS = discover()
 
 NODE_CLASS_MAPPINGS = {
     "VE_LoadVideo": VE_LoadVideo,
@@ -24,7 +31,8 @@ NODE_CLASS_MAPPINGS = {
     "VE_DDIMInvert": VE_DDIMInvert,
     "VE_ControlNetCondition": VE_ControlNetCondition,
     "VE_TemporalGuidance": VE_TemporalGuidance,
-    "VE_AttentionInjector": VE_AttentionInjector,
+    "VE_AttentionInjector": VE_AttentionInjector,  # deprecated: split into the method nodes
+    **{method.node_id: method.node for method in METHODS},
     "VE_LoadVideoLatents": VE_LoadVideoLatents,
 }
 
@@ -39,6 +47,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VE_DDIMInvert": "DDIM Invert",
     "VE_ControlNetCondition": "ControlNet Condition",
     "VE_TemporalGuidance": "Temporal Guidance",
-    "VE_AttentionInjector": "Attention Injector",
+    "VE_AttentionInjector": "Attention Injector (deprecated)",
+    **{method.node_id: method.display_name for method in METHODS},
     "VE_LoadVideoLatents": "Load Video as Latents (Video Edit)",
 }

@@ -1,38 +1,39 @@
-"""Attention Injector: what the sampler injects from a DDIM inversion, per method."""
+"""Attention Injector (deprecated): split into one node per method (nodes/method_*.py).
+
+Kept registered with its old inputs, frozen as they were, so a saved workflow that names it still loads and
+converts (its widget values are positional over these inputs); validation then stops the run before anything
+executes and names the node that replaces it for its mode.
+"""
 
 from __future__ import annotations
 
-from ..pipelines_core.methods.fatezero import FateZeroParams, fatezero_injection
-from ..pipelines_core.methods.plug_and_play import PnPParams, pnp_injection
-from ..pipelines_core.methods.tokenflow import TokenFlowParams, tokenflow_injection
-from ..pipelines_core.methods.pix2video import Pix2VideoParams, pix2video_injection
+from .methods import discover
 
 MODES = ["FateZero", "Plug-and-Play", "TokenFlow", "Pix2Video"]
 
 
-def words(text: str) -> tuple:
-    return tuple(w.strip() for w in text.split(",") if w.strip())
-
-
-def numbers(text: str) -> tuple:
-    try:
-        return tuple(float(v) for v in words(text))
-    except ValueError:
-        raise ValueError(f"Attention Injector: equalizer_values must be numbers separated by commas (got {text!r})") from None
+def replacement_message(mode: str) -> str:
+    """One line: which method node replaces an Attention Injector set to `mode`."""
+    method = next((m for m in discover() if m.name == mode), None)
+    if method is None:
+        return (f"Attention Injector was split into one node per method, and none is named {mode!r}: replace this "
+                "node by one of the 'Attention Injector (...)' nodes under video edit/inversion")
+    return (f"Attention Injector was split into one node per method: replace this node (mode {mode}) by "
+            f"'{method.display_name}' ({method.node_id}) under video edit/inversion — same widget names, "
+            "same values")
 
 
 class VE_AttentionInjector:
     DESCRIPTION = (
-        "Describe what the Cross-Frame Sampler injects from DDIM Invert. FateZero: self-attention map fusion "
-        "with a blend-word mask + prompt-to-prompt cross-attention (needs attention maps recorded). Plug-and-Play: "
-        "decoder residual features and self-attention Q/K from a live source branch. TokenFlow: PnP + keyframe "
-        "extended attention propagated to every frame by nearest neighbours. Pix2Video: anchor+previous "
-        "decoder attention and x̂0 guidance toward the previous frame. Defaults are the papers'."
+        "Deprecated: split into one node per method — Attention Injector (FateZero), (Plug-and-Play), (TokenFlow) "
+        "and (Pix2Video), with the same widget names. Kept so old workflows load; running it stops and names the "
+        "node that replaces it."
     )
+    DEPRECATED = True  # ComfyUI hides it from the node search
     CATEGORY = "video edit/inversion"
     RETURN_TYPES = ("VE_INJECTION",)
     RETURN_NAMES = ("injection",)
-    OUTPUT_TOOLTIPS = ("The injection, for the Cross-Frame Sampler (with the same inversion).",)
+    OUTPUT_TOOLTIPS = ("Nothing: this node stops the run and names its replacement.",)
     FUNCTION = "build"
 
     @classmethod
@@ -82,19 +83,12 @@ class VE_AttentionInjector:
             }
         }
 
-    def build(self, inversion, mode, fatezero_source, self_replace, cross_replace, p2p_mode, blend_words, target_blend_words,
-              blend_threshold, equalizer_words, equalizer_values, pnp_f_t, pnp_attn_t, keyframe_every,
-              keyframe_weights, guidance_weight, guidance_until):
-        if mode == "FateZero":
-            params = FateZeroParams(
-                cross_replace=cross_replace, self_replace=self_replace, mode=p2p_mode, blend_words=words(blend_words),
-                target_blend_words=words(target_blend_words), blend_th=blend_threshold,
-                equalizer_words=words(equalizer_words), equalizer_values=numbers(equalizer_values),
-                latent_blend=(0.2, 0.8) if blend_words.strip() else None, source=fatezero_source,
-            )
-            return (fatezero_injection(inversion, params),)
-        if mode == "Plug-and-Play":
-            return (pnp_injection(inversion, PnPParams(pnp_f_t, pnp_attn_t)),)
-        if mode == "TokenFlow":
-            return (tokenflow_injection(inversion, TokenFlowParams(pnp_f_t, pnp_attn_t, keyframe_every, keyframe_weights)),)
-        return (pix2video_injection(inversion, Pix2VideoParams(guidance_weight, guidance_until)),)
+    @classmethod
+    def VALIDATE_INPUTS(cls, mode):
+        # Refused at validation, so an old workflow stops before DDIM Invert or anything else runs.
+        return replacement_message(mode)
+
+    def build(self, inversion, mode, fatezero_source, self_replace, cross_replace, p2p_mode, blend_words,
+              target_blend_words, blend_threshold, equalizer_words, equalizer_values, pnp_f_t, pnp_attn_t,
+              keyframe_every, keyframe_weights, guidance_weight, guidance_until):
+        raise ValueError(replacement_message(mode))

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional
 
-_OUTPUT_DIR: Optional[str] = None
+# Where output nodes write in a headless run: set for one run (`writing_to`), so a later run in the same process
+# (a batch worker's next shot, a test) never inherits an earlier run's folder. Inside ComfyUI its own folder wins.
+_OUTPUT_DIR: ContextVar[Optional[str]] = ContextVar("video_edit_output_dir", default=None)
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
@@ -63,7 +67,7 @@ def progress(desc: str):
     """A `progress(done, total)` callable: ComfyUI's bar inside ComfyUI (raises on Cancel), tqdm headless."""
     env = _comfy()
     if env is None:
-        from ..pipelines_core.sampling.progress import tqdm_progress
+        from ..pipelines_core.progress import tqdm_progress
 
         return tqdm_progress(desc)
     comfy, _ = env
@@ -90,17 +94,21 @@ def device_choice(device: str) -> str:
 
 # --- folders ------------------------------------------------------------------------------------
 
-def set_output_directory(path: str) -> None:
-    """Headless runs choose where output nodes write (the runner's --output-dir)."""
-    global _OUTPUT_DIR
-    _OUTPUT_DIR = os.path.abspath(path)
+@contextmanager
+def writing_to(path: str) -> Iterator[str]:
+    """Output nodes run inside the block write to `path` (the headless runner's --output-dir)."""
+    token = _OUTPUT_DIR.set(os.path.abspath(path))
+    try:
+        yield os.path.abspath(path)
+    finally:
+        _OUTPUT_DIR.reset(token)
 
 
 def output_directory() -> str:
     env = _comfy()
     if env is not None:
         return env[1].get_output_directory()
-    return _OUTPUT_DIR or os.path.abspath("output")
+    return _OUTPUT_DIR.get() or os.path.abspath("output")
 
 
 def input_directory() -> Optional[str]:

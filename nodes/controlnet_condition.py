@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge
-from ..pipelines_core.models.controlnet import ControlStack, ControlUnit, load_controlnet, place
+from ..pipelines_core.models.controlnet import ControlStack, ControlUnit, check_unit_settings, load_controlnet, place
 from ..pipelines_core.models.hints import PREPROCESSORS, make_hints
 from ..pipelines_core.models.tiny import tiny_controlnet
 
@@ -96,8 +96,7 @@ class VE_ControlNetCondition:
 
     def condition(self, model, frames, controlnet, preprocessor, strength, start, end, guess_mode,
                   cross_frame_attention, control=None, annotator_dir="", low_threshold=100, high_threshold=200):
-        if start > end:
-            raise ValueError(f"ControlNet Condition: start {start} is after end {end}")
+        check_unit_settings(strength, start, end)
         hints = make_hints(frames, preprocessor, annotator_dir=annotator_dir or None, device=str(model.device),
                            low_threshold=low_threshold, high_threshold=high_threshold,
                            progress=comfy_bridge.progress("ControlNet hints"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import comfy_bridge
 from ..pipelines_core.attention import RULES
 from ..pipelines_core.models.model import decode_latents
-from ..pipelines_core.sampling.sampler import ATTENTION_LAYERS, NOISE_MODES, SamplerSettings
+from ..pipelines_core.sampling.settings import ATTENTION_LAYERS, NOISE_MODES, SamplerSettings
 from ..pipelines_core.sampling.schedulers import SCHEDULERS
 from ..pipelines_core.methods.temporal_guidance import guided_edit
 
@@ -98,15 +98,12 @@ class VE_CrossFrameSampler:
             strength=strength, noise=noise, attention=attention, attention_layers=attention_layers,
             chunk_size=chunk_size, chunk_overlap=chunk_overlap,
         )
-        generating = images is None and latent is None and inversion is None and injection is None
-        if generating and (width % 8 or height % 8):
-            raise ValueError(f"Cross-Frame Sampler: size {width}x{height} must be a multiple of 8")
-        if generating and control is not None and len(control):
-            # Generating under ControlNet: the hints fix the frame count and size.
-            frame_count, (height, width) = control.units[0].frame_count, control.units[0].size
+        # The widgets give the extent only when nothing connected does (the canvas greys them out then).
+        connected = any(v is not None for v in (images, latent, inversion, injection, control))
+        extent = {} if connected else {"frame_count": frame_count, "size": (height, width)}
         comfy_bridge.load_for_use(model, control)
         latents = guided_edit(
-            model, settings, temporal, images=images, frame_count=frame_count, size=(height, width),
+            model, settings, temporal, images=images, **extent,
             progress=comfy_bridge.progress("Cross-Frame Sampler"), control=control, inversion=inversion,
             injection=injection, latent=latent, mask=mask,
         )

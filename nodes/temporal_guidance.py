@@ -5,12 +5,8 @@ from __future__ import annotations
 from ..pipelines_core.methods.temporal_guidance import TemporalGuidance
 
 
-def _window(on: bool, start: float, end: float, label: str):
-    if not on:
-        return None
-    if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"Temporal Guidance: {label} window must satisfy 0 <= start <= end <= 1 (got {start}, {end})")
-    return (start, end)
+def _window(on: bool, start: float, end: float):
+    return (start, end) if on else None  # TemporalGuidance checks the windows it is given
 
 
 class VE_TemporalGuidance:
@@ -61,11 +57,9 @@ class VE_TemporalGuidance:
               pixel_end, pixel_strength, smoother, motion, flow=None):
         guidance = TemporalGuidance(
             flow=flow,
-            x0_warp=_window(x0_warp, x0_warp_start, x0_warp_end, "x0 warp"),
-            adain=_window(adain, adain_start, adain_end, "AdaIN"),
-            pixel_fusion=_window(pixel_fusion, pixel_start, pixel_end, "pixel fusion"),
+            x0_warp=_window(x0_warp, x0_warp_start, x0_warp_end),
+            adain=_window(adain, adain_start, adain_end),
+            pixel_fusion=_window(pixel_fusion, pixel_start, pixel_end),
             pixel_strength=pixel_strength, smoother=smoother, motion=motion,
         )
-        if (guidance.x0_warp or guidance.pixel_fusion or guidance.motion) and flow is None:
-            raise ValueError("Temporal Guidance: x0 warp, pixel fusion and motion need the flow input (Flow Warp)")
         return (guidance,)

@@ -8,7 +8,7 @@ import os
 
 from . import comfy_bridge, comfy_video
 from ..pipelines_core.models.model import decode_latent_stream
-from ..pipelines_core.sampling.sampler import latent_samples
+from ..pipelines_core.sampling.starts import latent_samples
 from ..pipelines_core.video.encode import check_writable, encode_video, format_spec, list_formats, output_folder
 from ..pipelines_core.video.decode import ffmpeg_reads, load_video
 

@@ -12,7 +12,8 @@ Run it with (or point --python at) a Python that has ComfyUI's requirements and 
    `/object_info`, queues it with `POST /prompt` and follows it on the websocket: ok/error with
    ComfyUI's message, seconds, progress events, the output file and the `ui` preview entry;
 5. compares each output's decoded frames with the same workflow run headless (a fresh process), so a
-   graph that inherits state from an earlier graph in the same server shows up as a difference;
+   graph that inherits state from an earlier graph in the same server shows up as a difference (both sides
+   write ffv1-mkv, lossless, so the comparison is exact; see LOSSLESS);
 6. re-queues the first workflow unchanged (everything must come from ComfyUI's cache, no new file),
    then with another seed, cancels it during sampling, queues it again and compares that run with
    headless too (an interrupted run must leave no state behind);
@@ -48,6 +49,10 @@ LINK_NAME = "comfyui_video_edit"
 DEMO = "sdedit_crossframe"
 # --quick: fewer frames and steps (the graphs themselves unchanged), for a first look in minutes.
 QUICK = {"VE_LoadVideo": {"frame_cap": 6}, "VE_CrossFrameSampler": {"steps": 6}, "VE_DDIMInvert": {"steps": 6}}
+# Outputs are compared with headless pixel for pixel, so both sides write a lossless format: libx264's AVX-512
+# code does not give the same bitstream twice in one process on some CPUs, so two h264 files of the same frames
+# can differ by tens of levels (the pack's tests encode h264 on their own).
+LOSSLESS = ("VE_VideoEncode", "format", "ffv1-mkv")
 
 # Imports the pack from its folder the way ComfyUI does (a package named after nothing installed), then
 # runs its headless command line: the reference each ComfyUI run is compared with.
@@ -421,6 +426,17 @@ def _set_input(prompt: dict, class_type: str, name: str, value) -> list[str]:
     return sets
 
 
+def lossless_widgets(ui: dict, prompt: dict) -> None:
+    """The LOSSLESS format in the canvas file too (the canvas converts the file itself): each encoder's format
+    widget value, found by its value (a format name is unique among the node's widget values)."""
+    class_type, name, value = LOSSLESS
+    for node in ui["nodes"]:
+        entry = prompt.get(str(node["id"]))
+        if node["type"] == class_type and entry is not None:
+            values = node["widgets_values"]
+            values[values.index(entry["inputs"][name])] = value
+
+
 async def check(args: argparse.Namespace) -> list[Row]:
     comfyui = Path(args.comfyui).resolve()
     if not (comfyui / "main.py").is_file() or not (comfyui / "custom_nodes").is_dir():
@@ -449,8 +465,10 @@ async def check(args: argparse.Namespace) -> list[Row]:
         for path in workflows:
             ui = json.loads(path.read_text())
             prompt = convert.ui_to_api(ui, object_info)
-            quick_sets = [s for cls, values in (QUICK.items() if args.quick else ())
-                          for name, value in values.items() for s in _set_input(prompt, cls, name, value)]
+            lossless_widgets(ui, prompt)
+            quick_sets = _set_input(prompt, *LOSSLESS)
+            quick_sets += [s for cls, values in (QUICK.items() if args.quick else ())
+                           for name, value in values.items() for s in _set_input(prompt, cls, name, value)]
             prompts[path] = (ui, prompt, quick_sets)
             row = Row(path.stem)
             if canvas is not None:

@@ -39,7 +39,8 @@ def digests_of(value, prefix: str, out: dict) -> None:
                 out[f"{prefix}.{key}"] = tensor_digest(value[key])
 
 
-def workflow_digests(names: list[str] | None = None) -> dict:
+def workflow_digests(names: list[str] | None = None, each=None) -> dict:
+    """{workflow stem: {"node:slot[.key]": digest}}; `each(stem, found)` is called as each workflow finishes."""
     from comfyui_video_edit.headless import execute, object_info, ui_to_api
     from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_bridge
 
@@ -48,16 +49,30 @@ def workflow_digests(names: list[str] | None = None) -> dict:
     for path in sorted((ROOT / "workflows").glob("*.json")):
         if names and path.stem not in names:
             continue
-        with tempfile.TemporaryDirectory() as folder:
-            comfy_bridge.set_output_directory(folder)
+        with tempfile.TemporaryDirectory() as folder, comfy_bridge.writing_to(folder):
             run = execute(ui_to_api(json.loads(path.read_text()), info), NODE_CLASS_MAPPINGS)
         found: dict = {}
         for node_id, values in run.outputs.items():
             for slot, value in enumerate(values):
                 digests_of(value, f"{node_id}:{slot}", found)
         result[path.stem] = found
-        print(f"{path.stem}: {len(found)} tensors", file=sys.stderr)
+        if each is not None:
+            each(path.stem, found)
     return result
+
+
+def compare(stem: str, found: dict, before: dict) -> int:
+    """Print one line for a workflow; the number of tensors that changed or went missing."""
+    old = before.get(stem)
+    if old is None:
+        print(f"{stem}: not in the saved digests", flush=True)
+        return 0
+    same = [k for k in old if found.get(k) == old[k]]
+    changed = [k for k in old if k in found and found[k] != old[k]]
+    missing = [k for k in old if k not in found]
+    print(f"{stem}: {len(same)}/{len(old)} identical" + (f"; changed {changed}" if changed else "")
+          + (f"; missing {missing}" if missing else ""), flush=True)
+    return len(changed) + len(missing)
 
 
 def main(argv=None) -> int:
@@ -67,24 +82,14 @@ def main(argv=None) -> int:
     group.add_argument("--check", metavar="JSON")
     parser.add_argument("--workflow", action="append", help="only this workflow (stem); repeatable")
     args = parser.parse_args(argv)
-    now = workflow_digests(args.workflow)
     if args.save:
+        now = workflow_digests(args.workflow, lambda stem, found: print(f"{stem}: {len(found)} tensors", flush=True))
         Path(args.save).write_text(json.dumps(now, indent=1, sort_keys=True))
         return 0
     before = json.loads(Path(args.check).read_text())
-    differ = 0
-    for stem, found in now.items():
-        old = before.get(stem)
-        if old is None:
-            print(f"{stem}: not in {args.check}")
-            continue
-        same = [k for k in old if found.get(k) == old[k]]
-        changed = [k for k in old if k in found and found[k] != old[k]]
-        missing = [k for k in old if k not in found]
-        differ += len(changed) + len(missing)
-        print(f"{stem}: {len(same)}/{len(old)} identical" + (f"; changed {changed}" if changed else "")
-              + (f"; missing {missing}" if missing else ""))
-    return 1 if differ else 0
+    differ = []
+    workflow_digests(args.workflow, lambda stem, found: differ.append(compare(stem, found, before)))
+    return 1 if any(differ) else 0
 
 
 if __name__ == "__main__":

@@ -71,3 +71,12 @@ def cancel_at():
 
     make.error = Cancelled
     return make
+
+
+@pytest.fixture(autouse=True)
+def outputs_in_tmp_path(tmp_path):
+    """Every test's output nodes write into its own tmp_path (as `video-edit run --output-dir` does for a run)."""
+    from comfyui_video_edit.nodes import comfy_bridge
+
+    with comfy_bridge.writing_to(str(tmp_path)):
+        yield

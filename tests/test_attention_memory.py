@@ -5,7 +5,8 @@ import torch
 
 from comfyui_video_edit.pipelines_core.attention import FrameLayout, VideoAttnProcessor, attention_processors, get_rule
 from comfyui_video_edit.pipelines_core.attention.processor import AttnEdit, gathered_kv_bytes
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, check_attention_memory, free_bytes
+from comfyui_video_edit.pipelines_core.sampling.sampler import check_attention_memory, free_bytes
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 
 
 class _RecordKV(AttnEdit):

@@ -359,8 +359,8 @@ from comfyui_video_edit.headless.cli import main
 from comfyui_video_edit.nodes import comfy_bridge
 from comfyui_video_edit.nodes.video_encode import VE_VideoEncode
 code = main(["run", sys.argv[1], "--output-dir", sys.argv[2] + "/out"])
-comfy_bridge.set_output_directory(sys.argv[2])
-print(json.dumps({"code": code, "validate": VE_VideoEncode.VALIDATE_INPUTS(filename_prefix="edits/clip")}))
+with comfy_bridge.writing_to(sys.argv[2]):
+    print(json.dumps({"code": code, "validate": VE_VideoEncode.VALIDATE_INPUTS(filename_prefix="edits/clip")}))
 """
 
 

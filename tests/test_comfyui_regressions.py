@@ -74,7 +74,6 @@ def test_the_sampler_decodes_frames_only_when_something_reads_them(tmp_path):
     from comfyui_video_edit.headless import execute
     from comfyui_video_edit.nodes import comfy_bridge
 
-    comfy_bridge.set_output_directory(str(tmp_path))
     sampler = {"model": ["2", 0], "prompt": "a cat", "negative_prompt": "", "seed": 1, "steps": 2, "cfg": 7.5,
                "scheduler": "ddim", "strength": 0.5, "noise": "per_frame", "attention": "first+previous",
                "attention_layers": "all", "chunk_size": 8}

@@ -14,7 +14,9 @@ from comfyui_video_edit.pipelines_core.attention import FrameLayout, VideoAttnPr
 from comfyui_video_edit.pipelines_core.models.controlnet import ControlStack, ControlUnit, load_controlnet
 from comfyui_video_edit.pipelines_core.models.hints import ANNOTATORS, make_hints
 from comfyui_video_edit.pipelines_core.models.model import decode_latents
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, StepState, edit_video
+from comfyui_video_edit.pipelines_core.sampling.hooks import StepState
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 from comfyui_video_edit.pipelines_core.sampling.schedulers import make_scheduler
 
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
@@ -144,10 +146,10 @@ def test_window_that_ends_at_zero_adds_nothing(tiny_model, cn, hints):
     assert torch.equal(sample(tiny_model, settings()), sample(tiny_model, settings(), control=stack))
 
 
-def test_window_follows_diffusers_keep_rule():
+def test_window_follows_diffusers_keep_rule(cn, hints):
     total = 10
     for start, end in [(0.0, 1.0), (0.1, 0.8), (0.25, 0.5), (0.0, 0.0)]:
-        ours = [ctl.in_window(i, total, start, end) for i in range(total)]
+        ours = [ctl.ControlUnit(cn, hints, 1.0, start, end).active(i, total) for i in range(total)]
         keep = [1.0 - float(i / total < start or (i + 1) / total > end) for i in range(total)]
         assert ours == [k == 1.0 for k in keep]
 

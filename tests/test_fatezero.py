@@ -19,7 +19,9 @@ from comfyui_video_edit.pipelines_core.attention.store import AttentionStore, Re
 from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
 from comfyui_video_edit.pipelines_core.sampling.injection import Injection, InjectionPlan, PlanContext
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video, plan_chunks
+from comfyui_video_edit.pipelines_core.sampling.chunks import plan_chunks
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 
 SOURCE = "a red car on a road"
 TARGET = "a blue car on a road"

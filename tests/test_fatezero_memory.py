@@ -15,11 +15,11 @@ import pytest
 import torch
 from test_store import fatezero_bytes, sd15_meta_unet
 
-from comfyui_video_edit.nodes.attention_injector import VE_AttentionInjector
 from comfyui_video_edit.nodes.ddim_invert import RECORD_CHOICES, VE_DDIMInvert
+from comfyui_video_edit.nodes.method_fatezero import VE_InjectFateZero
 from comfyui_video_edit.pipelines_core.attention.store import StoreBudgetError, estimate_bytes, gib
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video, open_store
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 
 GiB = 2**30
 FRAMES, HEIGHT, WIDTH, STEPS = 8, 512, 512, 50  # FateZero's defaults
@@ -54,9 +54,8 @@ def small_inversion(tiny_model):
 
 
 def test_the_default_fatezero_is_live_on_a_latents_only_inversion(small_inversion):
-    injector = node_defaults(VE_AttentionInjector)
-    assert injector["mode"] == "FateZero"
-    injection, = VE_AttentionInjector().build(inversion=small_inversion, **injector)
+    injector = node_defaults(VE_InjectFateZero)
+    injection, = VE_InjectFateZero().build(inversion=small_inversion, **injector)
     assert injection.params.source == "live"
     invert = node_defaults(VE_DDIMInvert)
     assert RECORD_CHOICES[invert["record"]].is_empty and small_inversion.store is None

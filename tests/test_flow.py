@@ -285,7 +285,7 @@ def test_estimate_flow_shapes_progress_and_single_frame():
     assert single.fwd.shape == (0, 2, 40, 56) and single.occ_bwd.shape == (0, 40, 56)
     with pytest.raises(ValueError, match="unknown flow method"):
         estimate_flow(clip, "rife")
-    with pytest.raises(ValueError, match=r"\(F, H, W, 3\)"):
+    with pytest.raises(ValueError, match=r"\(frames, height, width, 3\)"):
         estimate_flow(clip.permute(0, 3, 1, 2))
 
 

@@ -8,16 +8,20 @@ import torch
 from comfyui_video_edit.pipelines_core.flow.warp import FlowField, warp_error
 from comfyui_video_edit.pipelines_core.flow.estimate import estimate_flow, translation_flow
 from comfyui_video_edit.pipelines_core.methods.rerender import (
-    adain, adain_hook, channel_stats, flows_to_first, in_window, keep_model_eps_hook, latent_renoise_mask,
+    adain, adain_hook, channel_stats, flows_to_first, keep_model_eps_hook, latent_renoise_mask,
     noise_rescale, pixel_fusion_targets, renoise_blend_hook, target_latents, x0_warp_fusion_hook,
 )
 from comfyui_video_edit.pipelines_core.models.model import decode_latents, encode_frames
 from comfyui_video_edit.pipelines_core.methods.text2video_zero import (
     motion_dynamics_start, nearest_step, paper_timestep, warp_first_frame,
 )
-from comfyui_video_edit.pipelines_core.sampling.sampler import (
-    Hooks, SamplerSettings, StepState, VideoDenoiser, denoise_loop, edit_video, plan_chunks,
-)
+from comfyui_video_edit.pipelines_core.sampling.chunks import plan_chunks
+from comfyui_video_edit.pipelines_core.sampling.denoiser import VideoDenoiser
+from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks, StepState
+from comfyui_video_edit.pipelines_core.sampling.windows import StepWindow
+from comfyui_video_edit.pipelines_core.sampling.loop import denoise_loop
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 from comfyui_video_edit.pipelines_core.sampling.schedulers import make_scheduler
 from comfyui_video_edit.pipelines_core.methods.controlvideo import (
     average_interpolator, flow_interpolator, interleaved_smoother_hook, smoothing_steps,
@@ -50,6 +54,10 @@ def panning_latents(frames: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ E5: step windows
+
+def in_window(index, total, start, end):
+    return StepWindow(start, end).active(index, total)
+
 
 def test_E5_window_is_start_inclusive_end_exclusive():
     assert [i for i in range(20) if in_window(i, 20, 0.0, 0.1)] == [0, 1]
@@ -150,26 +158,25 @@ def test_keep_model_eps_makes_the_step_use_the_fused_x0_with_the_model_eps():
     fused = (x - (1 - a).sqrt() * eps) / a.sqrt() + delta
     expected = a_next.sqrt() * fused + (1 - a_next).sqrt() * eps  # Rerender's / ControlVideo's DDIM step
     kept = denoise_loop(denoise, x, scheduler, "ddim", scheduler.timesteps[:1],
-                        Hooks(on_x0=[shift, keep_model_eps_hook(scheduler)]))
+                        Hooks(on_x0=[shift, keep_model_eps_hook()]))
     rederived = denoise_loop(denoise, x, scheduler, "ddim", scheduler.timesteps[:1], Hooks(on_x0=[shift]))
     assert (kept - expected).abs().max() <= 1e-4
     assert (rederived - expected).abs().max() > 1e-2  # the loop alone moves less
     plain = denoise_loop(denoise, x, scheduler, "ddim", scheduler.timesteps[:2])
     untouched = denoise_loop(denoise, x, scheduler, "ddim", scheduler.timesteps[:2],
-                             Hooks(on_x0=[keep_model_eps_hook(scheduler)]))
+                             Hooks(on_x0=[keep_model_eps_hook()]))
     assert (plain - untouched).abs().max() <= 1e-5  # only the loop's eps re-derivation rounds
 
 
 def test_keep_model_eps_with_euler_started_mid_grid():
-    """SDEdit-style run (begin_index 2); the hook's own scheduler is only made like the run's."""
-    scheduler, like_it = (make_scheduler("euler", SD_SCHEDULER_CONFIG) for _ in range(2))
+    """SDEdit-style run (begin_index 2): the hook reads the run's scheduler at the step's position (2, not 0)."""
+    scheduler = make_scheduler("euler", SD_SCHEDULER_CONFIG)
     scheduler.set_timesteps(4)
-    like_it.set_timesteps(4)
     scheduler.set_begin_index(2)
     x = torch.randn(1, 4, 3, 3, generator=gen(7)) * scheduler.sigmas[2]
     delta = torch.randn_like(x)
     kept = denoise_loop(lambda lat, st: 0.2 * lat, x, scheduler, "euler", scheduler.timesteps[2:3],
-                        Hooks(on_x0=[lambda st: st.x0 + delta, keep_model_eps_hook(like_it)]))
+                        Hooks(on_x0=[lambda st: st.x0 + delta, keep_model_eps_hook()]))
     sigma, sigma_next = scheduler.sigmas[2], scheduler.sigmas[3]
     scheduler_eps = 0.2 * x / (sigma**2 + 1).sqrt()  # the model sees Euler's scaled input
     expected = x - sigma * scheduler_eps + delta + sigma_next * scheduler_eps
@@ -216,9 +223,9 @@ def test_E2_zero_weight_leaves_latents_unchanged_and_r_is_in_range():
     target = torch.randn(3, 4, 4, 4, generator=gen(11))
     masks = torch.rand(3, 4, 4, generator=gen(12))
     x = torch.randn(3, 4, 4, 4, generator=gen(13))
-    state = StepState(5, scheduler.timesteps[5], 10, x, torch.randn_like(x))
-    for hook in (renoise_blend_hook(target, masks, scheduler, 0.0, 1.0, strength=0.0),
-                 renoise_blend_hook(target, torch.zeros_like(masks), scheduler, 0.0, 1.0)):
+    state = StepState(5, scheduler.timesteps[5], 10, x, torch.randn_like(x), scheduler=scheduler, position=5)
+    for hook in (renoise_blend_hook(target, masks, 0.0, 1.0, strength=0.0),
+                 renoise_blend_hook(target, torch.zeros_like(masks), 0.0, 1.0)):
         assert torch.equal(hook(state), x)
     w = torch.linspace(0, 1, 101)
     for inner in (0.0, 0.5, 0.9, 1.0):
@@ -232,9 +239,9 @@ def test_re_noise_with_full_weight_lands_on_the_noised_target():
     scheduler = ddim(10)
     target = torch.randn(2, 4, 4, 4, generator=gen(14))
     x = torch.randn_like(target)
-    hook = renoise_blend_hook(target, torch.ones(2, 4, 4), scheduler, 0.0, 1.0, strength=1.0, inner_strength=0.0,
+    hook = renoise_blend_hook(target, torch.ones(2, 4, 4), 0.0, 1.0, strength=1.0, inner_strength=0.0,
                               smooth_boundary=False, seed=3)
-    state = StepState(4, scheduler.timesteps[4], 10, x, torch.randn_like(x))
+    state = StepState(4, scheduler.timesteps[4], 10, x, torch.randn_like(x), scheduler=scheduler, position=4)
     z = torch.randn(x.shape, generator=gen(3 * 1_000_003 + 5))
     expected = scheduler.add_noise(target, z, scheduler.timesteps[5:6])
     assert (hook(state) - expected).abs().max() <= 1e-5
@@ -243,9 +250,10 @@ def test_re_noise_with_full_weight_lands_on_the_noised_target():
 def test_re_noise_window_counts_the_step_it_prepares():
     scheduler = ddim(10)
     target, masks = torch.randn(2, 4, 4, 4), torch.ones(2, 4, 4)
-    hook = renoise_blend_hook(target, masks, scheduler, 0.5, 0.8)
+    hook = renoise_blend_hook(target, masks, 0.5, 0.8)
     x = torch.randn_like(target)
-    active = [i for i in range(10) if not torch.equal(hook(StepState(i, scheduler.timesteps[i], 10, x, x)), x)]
+    active = [i for i in range(10)
+              if not torch.equal(hook(StepState(i, scheduler.timesteps[i], 10, x, x, scheduler=scheduler, position=i)), x)]
     assert active == [4, 5, 6]  # it prepares steps 5, 6, 7
 
 
@@ -384,8 +392,6 @@ def test_hooks_compose_with_edit_video_and_leave_frame_0_alone(tiny_model):
     clip_frames = torch.rand(3, 32, 32, 3, generator=gen(21))
     settings = SamplerSettings(PROMPT, seed=5, steps=3, strength=0.7, attention="none", cfg=1.0)
     flow = translation_flow(3, 32, 32, 8, 0)
-    scheduler = make_scheduler("ddim", tiny_model.scheduler_config)
-    scheduler.set_timesteps(settings.steps)
     decode = lambda z: decode_latents(tiny_model, z)  # noqa: E731
     encode = lambda image: encode_frames(tiny_model, image)  # noqa: E731
     plain = edit_video(tiny_model, settings, clip_frames)
@@ -394,11 +400,11 @@ def test_hooks_compose_with_edit_video_and_leave_frame_0_alone(tiny_model):
     assert (edit_video(tiny_model, settings, clip_frames, hooks=closed) - plain).abs().max() <= 1e-5
     variants = {  # name: (hooks, frames that change; attention "none" keeps the others independent)
         "adain + warp": (Hooks(on_x0=[adain_hook(0, 1), x0_warp_fusion_hook(flow, 0, 1),
-                                      keep_model_eps_hook(scheduler)]), [1, 2]),
+                                      keep_model_eps_hook()]), [1, 2]),
         "smoother": (Hooks(on_x0=[interleaved_smoother_hook(decode, encode, steps=(0, 1))]), [1]),  # 0, 2 are ends
         "re-noise": (Hooks(after_step=[renoise_blend_hook(
             torch.randn(3, 4, 4, 4, generator=gen(6)), torch.tensor([0.0, 1.0, 1.0])[:, None, None].expand(3, 4, 4),
-            scheduler, 0.0, 1.0)]), [1, 2]),
+            0.0, 1.0)]), [1, 2]),
     }
     for name, (hooks, changed) in variants.items():
         diff = (edit_video(tiny_model, settings, clip_frames, hooks=hooks) - plain).abs().amax(dim=(1, 2, 3))

@@ -13,7 +13,7 @@ from comfyui_video_edit.pipelines_core.sampling.inversion import (
     latent_at, psnr, reconstruct, reconstruction_psnr,
 )
 from comfyui_video_edit.pipelines_core.models.model import decode_latents, encode_frames, encode_prompt, load_model
-from comfyui_video_edit.pipelines_core.sampling.sampler import Hooks
+from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
 from comfyui_video_edit.pipelines_core.models.tiny import SD_SCHEDULER_CONFIG
 
 F64 = torch.float64

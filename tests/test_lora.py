@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_video_edit.pipelines_core.models.lora import (
-    LoraSpec, add_lora, adapter_name_for, check_lora, lora_scope, unload_loras,
+    LoraSpec, add_lora, adapter_name_for, check_lora, lora_scope,
 )
 from comfyui_video_edit.pipelines_core.models.model import encode_prompt, load_model
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 
 UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "ff.net.2")
 TE_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1")
@@ -346,7 +347,7 @@ def test_edit_video_inside_the_scope_uses_the_lora_and_the_base_branch_does_not(
     assert torch.equal(again, first)
 
 
-def test_unload_gives_back_plain_modules_and_a_later_scope_reloads(files):
+def test_leaving_the_scope_gives_back_plain_modules_and_a_later_scope_reloads(files):
     model = load_model("builtin:tiny", dtype="fp32", device="cpu")
     pristine = unet_out(model)
     to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -354,8 +355,8 @@ def test_unload_gives_back_plain_modules_and_a_later_scope_reloads(files):
     styled_model = add_lora(model, files.kohya, 1.0)
     with lora_scope(styled_model):
         styled = unet_out(styled_model)
-    unload_loras(model)
     assert model.unet.get_submodule(to_q) is original
+    assert not any("lora" in name for name, _ in model.unet.named_modules())
     assert torch.equal(unet_out(model), pristine)
     with lora_scope(styled_model):
         assert torch.equal(unet_out(styled_model), styled)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from comfyui_video_edit.pipelines_core.models.model import encode_prompt, load_model, resolve_device
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 from comfyui_video_edit.pipelines_core.models.tiny import save_tiny_pipeline
 
 

@@ -5,13 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from comfyui_video_edit.pipelines_core.methods.plug_and_play import StepWindow
+from comfyui_video_edit.pipelines_core.sampling.windows import first
 from comfyui_video_edit.pipelines_core.sampling.hooks import StepState
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
 from comfyui_video_edit.pipelines_core.methods.pix2video import (
     Pix2VideoParams, PreviousFrameGuidance, pix2video_injection, x0_guidance,
 )
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 
 SOURCE = "a photo of a street"
 STEPS = 6
@@ -52,7 +53,7 @@ def test_equal_estimates_or_weight_zero_move_nothing():
 def test_guidance_acts_only_inside_its_window():
     x0 = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(3))
     latents = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(4))
-    guidance = PreviousFrameGuidance(10.0, StepWindow(0.5, 6))
+    guidance = PreviousFrameGuidance(10.0, first(0.5).of(6))
     moved = []
     for step in range(6):
         guidance.keep_x0(StepState(step, torch.tensor(999), 6, latents, x0=x0))

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from comfyui_video_edit import pipelines_core
+from comfyui_video_edit.pipelines_core.models.single_file import SD15_CONFIG_DIR
 from comfyui_video_edit.pipelines_core.attention.layers import (
     decoder_self_attention, ldm_decoder_layers, pnp_attention_layers, pnp_feature_module,
 )
@@ -22,7 +22,8 @@ from comfyui_video_edit.pipelines_core.methods.tokenflow import (
 from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
 from comfyui_video_edit.pipelines_core.sampling.injection import Injection, InjectionPlan
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 
 SOURCE = "a photo of a street"
 TARGET = "an oil painting of a dragon"
@@ -69,7 +70,7 @@ def sd15_unet():
     """SD-1.5's UNet from the shipped config, weightless (meta device)."""
     from diffusers import UNet2DConditionModel
 
-    path = os.path.join(os.path.dirname(pipelines_core.__file__), "configs", "sd15", "unet", "config.json")
+    path = os.path.join(SD15_CONFIG_DIR, "unet", "config.json")
     with open(path) as f:
         config = json.load(f)
     with torch.device("meta"):

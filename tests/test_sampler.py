@@ -6,7 +6,10 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from comfyui_video_edit.pipelines_core.attention.processor import VideoAttnProcessor
 from comfyui_video_edit.pipelines_core.models.model import decode_latents
-from comfyui_video_edit.pipelines_core.sampling.sampler import Hooks, SamplerSettings, edit_video, plan_chunks
+from comfyui_video_edit.pipelines_core.sampling.chunks import plan_chunks
+from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 from comfyui_video_edit.pipelines_core.sampling.schedulers import SCHEDULERS, make_scheduler
 
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"

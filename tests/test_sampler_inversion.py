@@ -5,7 +5,8 @@ import torch
 
 from comfyui_video_edit.pipelines_core.sampling.injection import Injection, InjectionPlan
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 
 SOURCE = "a photo of a street"
 

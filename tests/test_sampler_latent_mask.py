@@ -15,7 +15,9 @@ from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
 from comfyui_video_edit.pipelines_core.sampling.masking import mask_on_latent_grid
 from comfyui_video_edit.pipelines_core.models.model import encode_frames, frames_to_pixels
-from comfyui_video_edit.pipelines_core.sampling.sampler import SamplerSettings, edit_video, frame_generators, img2img_timesteps
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
+from comfyui_video_edit.pipelines_core.sampling.starts import frame_generators, img2img_timesteps
 from comfyui_video_edit.pipelines_core.sampling.schedulers import SCHEDULERS, make_scheduler
 
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"

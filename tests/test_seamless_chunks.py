@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from comfyui_video_edit.nodes.cross_frame_sampler import VE_CrossFrameSampler
-from comfyui_video_edit.pipelines_core.attention import (NEEDS_ANCHOR, NEEDS_PREVIOUS, FrameLayout, VideoAttnProcessor,
+from comfyui_video_edit.pipelines_core.attention import (FrameLayout, VideoAttnProcessor,
                                                          attention_processors, get_rule, is_self_attention)
 from comfyui_video_edit.pipelines_core.methods.plug_and_play import pnp_injection
 from comfyui_video_edit.pipelines_core.attention.rules import own_frame
@@ -16,8 +16,13 @@ from comfyui_video_edit.pipelines_core.flow.warp import FlowField, warp_error
 from comfyui_video_edit.pipelines_core.flow.estimate import estimate_flow
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
 from comfyui_video_edit.pipelines_core.models.model import decode_latents, encode_prompt
-from comfyui_video_edit.pipelines_core.sampling.sampler import (SamplerSettings, StepState, VideoDenoiser, denoise_loop,
-                                                       edit_video, frame_generators, initial_noise, plan_chunks)
+from comfyui_video_edit.pipelines_core.sampling.chunks import plan_chunks
+from comfyui_video_edit.pipelines_core.sampling.denoiser import VideoDenoiser
+from comfyui_video_edit.pipelines_core.sampling.hooks import StepState
+from comfyui_video_edit.pipelines_core.sampling.loop import denoise_loop
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
+from comfyui_video_edit.pipelines_core.sampling.starts import frame_generators, initial_noise
 from comfyui_video_edit.pipelines_core.sampling.schedulers import make_scheduler
 from comfyui_video_edit.pipelines_core.video.decode import load_video
 
@@ -115,9 +120,9 @@ def test_window_plan_invariants(rule):
                     assert list(chunk.keep) == list(range(chunk.keep[0], len(chunk.frames))), where
                     assert len(chunk.weights) == len(own), where
                     context = chunk.frames[:chunk.keep[0]]
-                    if own[0] > 0 and rule in NEEDS_ANCHOR:
+                    if own[0] > 0 and get_rule(rule).needs_anchor:
                         assert chunk.frames[0] == 0, where
-                    if own[0] > 0 and rule in NEEDS_PREVIOUS:
+                    if own[0] > 0 and get_rule(rule).needs_previous:
                         assert chunk.frames[chunk.keep[0] - 1] == own[0] - 1, where
                     if own[0] == 0 or rule == "none":
                         assert context == (), where

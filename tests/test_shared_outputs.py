@@ -90,7 +90,6 @@ def sampler_frames(prompt: dict, result) -> list:
 
 
 def test_every_graph_in_one_process_leaves_shared_outputs_unchanged_and_gives_fresh_frames(tmp_path):
-    comfy_bridge.set_output_directory(str(tmp_path))
     assert WORKFLOWS[0].stem == "lora_sdedit"
     changed: list = []
     shared = shared_mappings(changed)

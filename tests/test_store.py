@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-import comfyui_video_edit.pipelines_core as core
+from comfyui_video_edit.pipelines_core.models.single_file import SD15_CONFIG_DIR
 from comfyui_video_edit.pipelines_core.attention.store import (
     AttentionStore, RecordSpec, StoreBudgetError, attention_layers, estimate_bytes, over_budget_message,
 )
@@ -160,7 +160,7 @@ SD15_SMALL_LEVELS = [(1024, 8, 5), (256, 8, 5), (64, 8, 1)]
 
 
 def sd15_meta_unet():
-    config = json.loads((Path(core.__file__).parent / "configs" / "sd15" / "unet" / "config.json").read_text())
+    config = json.loads((Path(SD15_CONFIG_DIR) / "unet" / "config.json").read_text())
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
 

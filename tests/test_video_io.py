@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 
 from comfyui_video_edit.pipelines_core.video import encode as video_encode
-from comfyui_video_edit.pipelines_core.video.decode import (
-    encode_video, format_spec, list_formats, load_video, output_size, select_frames,
-)
+from comfyui_video_edit.pipelines_core.video.decode import load_video, output_size, select_frames
+from comfyui_video_edit.pipelines_core.video.encode import encode_video, format_spec, list_formats
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 STEP = 10  # index colour: frame i has red = STEP * i

@@ -174,7 +174,6 @@ def test_fps_is_a_socket_so_saved_widget_values_keep_their_places():
 # ---- VIDEO in and out ----------------------------------------------------------------------------------
 
 def encode_node(tmp_path, frames, fmt, audio=None, fps=12.0):
-    comfy_bridge.set_output_directory(str(tmp_path))
     out = VE_VideoEncode().encode(frames, fps, fmt, -1, "rt/clip", audio=audio)
     assert VE_VideoEncode.RETURN_TYPES[-1] == "VIDEO" and len(out["result"]) == len(VE_VideoEncode.RETURN_TYPES)
     return out["result"]
@@ -204,7 +203,6 @@ def test_folder_to_encode_to_video_to_load_runs_as_a_graph(tmp_path):
     """Headless executor: VIDEO link type checks, and a connected VIDEO makes a bad file choice harmless."""
     source = np.random.default_rng(5).integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
     folder = write_pngs(tmp_path / "in", source)
-    comfy_bridge.set_output_directory(str(tmp_path / "out"))
     prompt = {
         "1": {"class_type": "VE_LoadVideo", "inputs": {"video": str(folder), **AS_IS, "fps": 6.0}},
         "2": {"class_type": "VE_VideoEncode", "inputs": {
@@ -212,7 +210,8 @@ def test_folder_to_encode_to_video_to_load_runs_as_a_graph(tmp_path):
             "video_info": ["1", 1]}},
         "3": {"class_type": "VE_LoadVideo", "inputs": {"video": "no_such_clip.mp4", **AS_IS, "video_input": ["2", 1]}},
     }
-    result = execute(prompt, NODE_CLASS_MAPPINGS, outputs=["2", "3"])
+    with comfy_bridge.writing_to(str(tmp_path / "out")):
+        result = execute(prompt, NODE_CLASS_MAPPINGS, outputs=["2", "3"])
     assert torch.equal(result.outputs["3"][0], torch.from_numpy(source).float() / 255)  # ffv1 is lossless
     assert result.outputs["3"][1]["fps"] == 6.0
 

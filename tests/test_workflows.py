@@ -43,7 +43,6 @@ def test_workflow_is_ui_format_on_builtin_tiny(path):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_runs_headless_and_writes_its_file(path, tmp_path):
-    comfy_bridge.set_output_directory(str(tmp_path))
     result = execute(quick(workflow_prompt(path)), NODE_CLASS_MAPPINGS)
     written = [r[0] for node_id, r in result.outputs.items() if "images" in result.ui.get(node_id, {})]
     assert written and all(Path(p).exists() and str(p).startswith(str(tmp_path)) for p in written)
@@ -52,7 +51,6 @@ def test_workflow_runs_headless_and_writes_its_file(path, tmp_path):
 def test_ui_and_api_forms_give_identical_outputs(tmp_path):
     api = quick(workflow_prompt(WORKFLOWS[[p.name for p in WORKFLOWS].index("sdedit_crossframe.json")]))
     ui = api_to_ui(api, INFO)
-    comfy_bridge.set_output_directory(str(tmp_path))
     from_api = execute(api, NODE_CLASS_MAPPINGS)
     from_ui = execute(ui_to_api(ui, INFO), NODE_CLASS_MAPPINGS)
     sampler = next(k for k, v in api.items() if v["class_type"] == "VE_CrossFrameSampler")
@@ -60,16 +58,21 @@ def test_ui_and_api_forms_give_identical_outputs(tmp_path):
 
 
 def test_demo_command_writes_an_mp4_matching_the_sample_clip(tmp_path, capsys):
-    """The README's demo: the bundled clip through SDEdit with first+previous attention."""
+    """The README's demo: the bundled clip through SDEdit with first+previous attention. Quick: the sampler
+    runs 2 steps (a --set override, as a user would write it); every frame of the clip still goes through."""
     demo = next(p for p in WORKFLOWS if p.name == "sdedit_crossframe.json")
-    assert main(["run", str(demo), "--output-dir", str(tmp_path)]) == 0
+    prompt = workflow_prompt(demo)
+    sampler = next(k for k, v in prompt.items() if {"steps", "attention"} <= set(v["inputs"]))
+    loader = next(k for k, v in prompt.items() if "frame_cap" in v["inputs"])
+    quick_steps = ["--set", f"{sampler}.steps=2"]
+    assert main(["run", str(demo), "--output-dir", str(tmp_path), *quick_steps]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.endswith(".mp4") and Path(printed).is_file()
     out, info, audio = load_video(printed)
     src, src_info, _ = load_video(str(Path(__file__).resolve().parents[1] / "assets" / "sample_pan.mp4"))
     assert out.shape == src.shape and info["fps"] == src_info["fps"]
     assert audio is not None
-    # A second run never overwrites the first file.
-    assert main(["run", str(demo), "--output-dir", str(tmp_path), "--set", "3.steps=2"]) == 0
+    # A second run (of 2 frames: only its file name matters) never overwrites the first file.
+    assert main(["run", str(demo), "--output-dir", str(tmp_path), *quick_steps, "--set", f"{loader}.frame_cap=2"]) == 0
     second = capsys.readouterr().out.strip().splitlines()[-1]
     assert second != printed and Path(printed).is_file()

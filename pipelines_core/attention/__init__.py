@@ -1,8 +1,10 @@
 """Attention for video: cross-frame rules, the video attention processor, attach/restore."""
 
 from .attach import attention_processors, is_self_attention
-from .processor import AttnCall, AttnEdit, FrameLayout, VideoAttnProcessor, attention_probs, select_kv
-from .rules import NEEDS_ANCHOR, NEEDS_PREVIOUS, RULES, get_rule
+from .processor import (
+    AttnCall, AttnEdit, FrameLayout, TokenRestore, VideoAttnProcessor, attention_probs, select_kv,
+)
+from .rules import RULES, Rule, get_rule
 
 __all__ = [
     "attention_processors",
@@ -11,10 +13,10 @@ __all__ = [
     "AttnEdit",
     "attention_probs",
     "FrameLayout",
+    "TokenRestore",
     "VideoAttnProcessor",
     "select_kv",
-    "NEEDS_ANCHOR",
-    "NEEDS_PREVIOUS",
+    "Rule",
     "RULES",
     "get_rule",
 ]

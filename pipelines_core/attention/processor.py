@@ -5,12 +5,13 @@ It owns no weights (it reads `attn.to_q/to_k/to_v/to_out`, so LoRA layers that w
 working) and learns the batch layout per call from the `layout` keyword, which the sampler passes
 through the UNet's `cross_attention_kwargs`. Frames are gathered only within a CFG chunk: the batch
 is laid out `(chunk, frame)`, chunks being [uncond, cond] (or one chunk without CFG).
+Methods change a call through `AttnEdit`s: which tokens it sees (merge/unmerge), q/k/v, probabilities, output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,16 +53,43 @@ class AttnCall:
     is_self: bool
     heads: int
     layout: Optional[FrameLayout]
+    # The diffusers `Attention` layer of the call (to_q/to_k/to_v/to_out, heads, scale, norms): an edit reads the
+    # layer from here, never through module hooks. None only for calls built outside a processor.
+    attn: Optional[torch.nn.Module] = field(default=None, repr=False, compare=False)
+    has_mask: bool = False  # the caller passed an attention mask (SD's self-attention never does)
+
+
+# Maps the attention output of a call with merged tokens back to the caller's tokens (an edit's unmerge).
+TokenRestore = Callable[[torch.Tensor], torch.Tensor]
 
 
 class AttnEdit:
     """Base for edits that record or change attention; override only the points you need.
 
-    qkv: after projection (and the cross-frame gather) -> (q, k, v), shaped (batch, heads, tokens, dim).
-    probs: the attention probabilities (batch, heads, queries, keys) -> probs; overriding it makes the
-           processor take the explicit softmax path instead of the fused kernel.
-    out: the attention output before the output projection, (batch, tokens, channels) -> out.
+    The points, in the order the processor reaches them:
+
+    tokens(call, hidden_states) -> (hidden_states, call, restore): which tokens the call attends with.
+        hidden_states: the caller's tokens, (batch, tokens, channels), after the 4-D -> 3-D reshape and
+        before group_norm and the projections. An edit may return fewer or other rows or tokens (merge),
+        and a `call` whose `layout` describes them (e.g. the keyframes only: `replace(call, layout=...)`);
+        every later step of this call (the rule, the qkv/probs/out points of all edits) sees that layout.
+        Only the layout may differ from the call it was given. `restore` maps the attention output after
+        `to_out`, (merged batch, merged tokens, out channels), back to the caller's (batch, tokens, out
+        channels) (unmerge), or is None when nothing was merged. Edits merge in list order and restore in
+        reverse order. What restore needs (the caller's tokens, the layout) lives in its closure, for this
+        call only. Cross-attention calls keep their text context, so there the rows must stay; calls with an
+        attention mask (`call.has_mask`) must keep their tokens. The default changes nothing, and the processor
+        skips the whole step unless some edit overrides `tokens`.
+    qkv(call, q, k, v) -> (q, k, v): the projections' results after the cross-frame gather (and norm_q/norm_k),
+        shaped (batch, heads, tokens, dim); an edit may replace any of them (PnP's source q/k, extended k/v).
+    probs(call, p) -> p: the attention probabilities (batch, heads, queries, keys); overriding it makes the
+        processor take the explicit softmax path instead of the fused kernel.
+    out(call, h) -> h: the attention output before the output projection, (batch, tokens, channels).
     """
+
+    def tokens(self, call: AttnCall,
+               hidden_states: torch.Tensor) -> tuple[torch.Tensor, AttnCall, Optional[TokenRestore]]:
+        return hidden_states, call, None
 
     def qkv(self, call: AttnCall, q, k, v):
         return q, k, v
@@ -75,6 +103,30 @@ class AttnEdit:
     @property
     def needs_probs(self) -> bool:
         return type(self).probs is not AttnEdit.probs
+
+    @property
+    def changes_tokens(self) -> bool:
+        return type(self).tokens is not AttnEdit.tokens
+
+
+def merge_tokens(edits: Sequence[AttnEdit], call: AttnCall, hidden_states: torch.Tensor) -> tuple:
+    """Run the edits' `tokens` points in order: (merged hidden states, the call they describe, restores in order)."""
+    restores = []
+    rows, tokens = hidden_states.shape[:2]
+    for edit in edits:
+        hidden_states, merged_call, restore = edit.tokens(call, hidden_states)
+        if replace(merged_call, layout=call.layout) != call or merged_call.attn is not call.attn:
+            raise ValueError(f"{type(edit).__name__}.tokens may change only the call's layout ({call.name})")
+        call = merged_call
+        if restore is not None:
+            restores.append(restore)
+    if not call.is_self and hidden_states.shape[0] != rows:
+        raise ValueError(f"token edits changed the rows of cross-attention call {call.name}, "
+                         "whose text context keeps the caller's rows")
+    if call.has_mask and hidden_states.shape[:2] != (rows, tokens):
+        raise ValueError(f"token edits changed the tokens of {call.name}, whose attention mask is for the caller's; "
+                         "skip calls with call.has_mask")
+    return hidden_states, call, restores
 
 
 def select_kv(x: torch.Tensor, index: torch.Tensor, frames: int) -> torch.Tensor:
@@ -132,11 +184,18 @@ class VideoAttnProcessor:
             b, c, h, w = hidden_states.shape
             spatial_shape = (b, c, h, w)
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        is_self = encoder_hidden_states is None
+        has_mask = attention_mask is not None
+        call = AttnCall(self.name, is_self, attn.heads, layout, attn, has_mask) if self.edits else None
+        token_edits = [edit for edit in self.edits if edit.changes_tokens]
+        restores = ()
+        if token_edits:  # skipped entirely otherwise, so calls without token edits compute exactly as before
+            hidden_states, call, restores = merge_tokens(token_edits, call, hidden_states)
+            layout = call.layout
         batch = hidden_states.shape[0]
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        is_self = encoder_hidden_states is None
         query = attn.to_q(hidden_states)
         if is_self:
             context = hidden_states
@@ -163,7 +222,6 @@ class VideoAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        call = AttnCall(self.name, is_self, attn.heads, layout) if self.edits else None
         for edit in self.edits:
             query, key, value = edit.qkv(call, query, key, value)
         if any(edit.needs_probs for edit in self.edits):
@@ -178,6 +236,8 @@ class VideoAttnProcessor:
         for edit in self.edits:
             out = edit.out(call, out)
         out = attn.to_out[1](attn.to_out[0](out))
+        for restore in reversed(restores):
+            out = restore(out)
 
         if spatial_shape is not None:
             out = out.transpose(-1, -2).reshape(spatial_shape)

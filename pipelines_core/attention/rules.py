@@ -1,62 +1,71 @@
 """Cross-frame attention rules: which frames' keys and values each frame's self-attention reads.
 
-A rule is a pure function from the number of frames in a batch to an index tensor of shape
+A rule is a value: called with the number of frames in a batch it gives an index tensor of shape
 (frames, k): row i lists the k frames whose keys/values frame i attends to. Positions are batch
-positions; the sampler arranges each chunk so that position 0 is the anchor (first) frame and the
-frame before a chunk sits right before it, which is what `first` and `previous` read.
+positions; a rule says which context it reads besides a chunk's own frames (`needs_anchor`: the first
+frame at position 0; `needs_previous`: the frame before the chunk right before it), and the sampler's
+chunk planner puts exactly those frames into every later chunk.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-Rule = Callable[[int], torch.Tensor]
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    index: Callable[[int], torch.Tensor]  # frames -> (frames, k) batch positions
+    needs_anchor: bool = False
+    needs_previous: bool = False
+
+    def __call__(self, frames: int) -> torch.Tensor:
+        return self.index(frames)
 
 
-def own_frame(frames: int) -> torch.Tensor:
-    """Plain per-frame self-attention (the image model as trained)."""
+def _own(frames: int) -> torch.Tensor:
     return torch.arange(frames)[:, None]
 
 
-def first_frame(frames: int) -> torch.Tensor:
-    """Every frame attends to frame 0 (Text2Video-Zero's cross-frame attention)."""
+def _first(frames: int) -> torch.Tensor:
     return torch.zeros(frames, 1, dtype=torch.long)
 
 
-def previous_frame(frames: int) -> torch.Tensor:
-    """Every frame attends to the frame before it; frame 0 to itself."""
+def _previous(frames: int) -> torch.Tensor:
     return (torch.arange(frames) - 1).clamp(min=0)[:, None]
 
 
-def first_and_previous(frames: int) -> torch.Tensor:
-    """Sparse-causal attention (Tune-A-Video, FateZero): keys of [frame 0, frame i-1].
-
-    Frame 0 reads [0, 0], which is exactly plain attention (duplicated keys leave softmax unchanged).
-    """
-    return torch.cat([first_frame(frames), previous_frame(frames)], dim=1)
+def _first_and_previous(frames: int) -> torch.Tensor:
+    # Frame 0 reads [0, 0], which is exactly plain attention (duplicated keys leave softmax unchanged).
+    return torch.cat([_first(frames), _previous(frames)], dim=1)
 
 
-def all_frames(frames: int) -> torch.Tensor:
-    """Every frame attends to every frame (ControlVideo, vid2vid-zero, FLATTEN's dense attention)."""
+def _all(frames: int) -> torch.Tensor:
     return torch.arange(frames).expand(frames, frames).clone()
 
 
-RULES: dict[str, Rule] = {
-    "none": own_frame,
-    "first": first_frame,
-    "previous": previous_frame,
-    "first+previous": first_and_previous,
-    "all": all_frames,
-}
+# Plain per-frame self-attention (the image model as trained).
+own_frame = Rule("none", _own)
+# Every frame attends to frame 0 (Text2Video-Zero's cross-frame attention).
+first_frame = Rule("first", _first, needs_anchor=True)
+# Every frame attends to the frame before it; frame 0 to itself.
+previous_frame = Rule("previous", _previous, needs_previous=True)
+# Sparse-causal attention (Tune-A-Video, FateZero): keys of [frame 0, frame i-1].
+first_and_previous = Rule("first+previous", _first_and_previous, needs_anchor=True, needs_previous=True)
+# Every frame attends to every frame (ControlVideo, vid2vid-zero, FLATTEN's dense attention).
+all_frames = Rule("all", _all, needs_anchor=True)
 
-# What a rule needs the sampler to keep in every chunk besides the chunk's own frames.
-NEEDS_ANCHOR = {"first", "first+previous", "all"}
-NEEDS_PREVIOUS = {"previous", "first+previous"}
+RULES: dict[str, Rule] = {rule.name: rule for rule in (own_frame, first_frame, previous_frame, first_and_previous,
+                                                         all_frames)}
 
 
-def get_rule(name: str) -> Rule:
+def get_rule(name) -> Rule:
+    """The rule named `name` (a Rule is returned as it is)."""
+    if isinstance(name, Rule):
+        return name
     try:
         return RULES[name]
     except KeyError:

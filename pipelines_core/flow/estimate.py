@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..video.frames import check_image_batch
 from .warp import OCC_ALPHA, OCC_BETA, FlowField, image_to_nchw
-from ..sampling.progress import Progress, or_silent
+from ..progress import Progress, or_silent
 
 METHODS = ("dis", "farneback", "raft")
 RAFT_MIN_SIZE = 128  # RAFT's correlation pyramid needs feature maps of at least 16 cells
@@ -127,11 +128,6 @@ def _make_estimator(method: str, raft_weights=None, device=None):
     raise ValueError(f"unknown flow method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _check_frames(frames: Tensor, name: str = "frames") -> None:
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"{name} must be an IMAGE batch (F, H, W, 3), got shape {tuple(frames.shape)}")
-
-
 def estimate_pair_flow(
     first: Tensor,
     second: Tensor,
@@ -141,8 +137,8 @@ def estimate_pair_flow(
     device=None,
 ) -> Tensor:
     """Flows (N, 2, H, W) from each frame of `first` into the matching frame of `second` (both IMAGE)."""
-    _check_frames(first, "first")
-    _check_frames(second, "second")
+    check_image_batch(first, "first", min_frames=0)  # a one-frame clip has no pairs
+    check_image_batch(second, "second", min_frames=0)
     if first.shape != second.shape:
         raise ValueError(f"frame batches differ: {tuple(first.shape)} vs {tuple(second.shape)}")
     estimator = _make_estimator(method, raft_weights, device)
@@ -172,7 +168,7 @@ def estimate_flow(
     method: "dis" (default), "farneback" or "raft" (needs raft_weights, a local torchvision RAFT file;
     device picks where RAFT runs). progress(done, total) is called after each estimated flow.
     """
-    _check_frames(frames)
+    check_image_batch(frames, "frames")
     earlier, later = frames[:-1], frames[1:]
     sources, targets = torch.cat((earlier, later)), torch.cat((later, earlier))  # fwd pairs, then bwd pairs
     both = estimate_pair_flow(sources, targets, method, raft_weights, progress, device)

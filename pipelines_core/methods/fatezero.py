@@ -62,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..sampling.hooks import Hooks, StepState
-from ..sampling.injection import Injection, InjectionPlan, PlanContext
-from ..sampling.sampler import plan_chunks
-from . import prompt_to_prompt as p2p
 from ..attention.processor import AttnCall, AttnEdit
 from ..attention.store import attention_layers, cond_rows
+from ..sampling.chunks import plan_chunks
+from ..sampling.hooks import Hooks, StepState
+from ..sampling.injection import Injection, InjectionPlan, PlanContext
+from . import prompt_to_prompt as p2p
 
 MODES = ("refine", "replace")
 SOURCES = ("live", "stored")  # source maps: the live source branch, or maps recorded by DDIM Invert

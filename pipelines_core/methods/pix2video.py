@@ -33,11 +33,11 @@ import torch
 
 from ..attention.attach import is_self_attention
 from ..attention.layers import decoder_self_attention
-from .plug_and_play import StepWindow
 from ..attention.processor import AttnCall, AttnEdit
 from ..attention.rules import first_and_previous, own_frame
 from ..sampling.hooks import Hooks, StepState
 from ..sampling.injection import Injection, InjectionPlan, PlanContext
+from ..sampling.windows import RunWindow, first
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def x0_guidance(x0: torch.Tensor, weight: float) -> torch.Tensor:
 class PreviousFrameGuidance:
     """The x0 guidance as two hooks sharing one step's estimates (fresh per plan)."""
 
-    def __init__(self, weight: float, window: StepWindow):
+    def __init__(self, weight: float, window: RunWindow):
         self.weight = weight
         self.window = window
         self._x0: Optional[torch.Tensor] = None
@@ -107,7 +107,7 @@ def pix2video_planner(injection: Injection, context: PlanContext) -> InjectionPl
 
     hooks = Hooks()
     if params.guidance_weight > 0 and params.guidance_until > 0:
-        hooks = PreviousFrameGuidance(params.guidance_weight, StepWindow(params.guidance_until, context.steps)).hooks
+        hooks = PreviousFrameGuidance(params.guidance_weight, first(params.guidance_until, "guidance_until").of(context.steps)).hooks
     return InjectionPlan(edits_for=lambda name: (guard,) if name in decoder else (), rule_for=rule_for, hooks=hooks)
 
 

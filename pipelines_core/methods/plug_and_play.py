@@ -18,9 +18,10 @@ from typing import Iterator, Optional
 import torch
 from einops import rearrange, repeat
 
-from ..sampling.injection import Injection, InjectionPlan, PlanContext
 from ..attention.layers import pnp_attention_layers, pnp_feature_module
 from ..attention.processor import AttnCall, AttnEdit, FrameLayout
+from ..sampling.injection import Injection, InjectionPlan, PlanContext
+from ..sampling.windows import RunWindow, first
 
 
 @dataclass(frozen=True)
@@ -37,18 +38,7 @@ class PnPParams:
                 raise ValueError(f"{name} must be a fraction of the steps in [0, 1] (got {value})")
 
 
-@dataclass(frozen=True)
-class StepWindow:
-    """The first `fraction` of a run of `steps` steps: step i is inside while i < fraction * steps."""
-
-    fraction: float
-    steps: int
-
-    def __contains__(self, step: Optional[int]) -> bool:
-        return step is not None and step < self.fraction * self.steps
-
-
-def injects(layout: Optional[FrameLayout], window: StepWindow) -> bool:
+def injects(layout: Optional[FrameLayout], window: RunWindow) -> bool:
     """Whether a UNet call with this layout carries a source chunk and sits inside the window."""
     return layout is not None and "source" in layout.roles and layout.step in window
 
@@ -65,7 +55,7 @@ def from_source(x: torch.Tensor, layout: FrameLayout) -> torch.Tensor:
 class SourceQK(AttnEdit):
     """Self-attention queries and keys taken from the source chunk inside the window (values stay the edit's)."""
 
-    def __init__(self, window: StepWindow):
+    def __init__(self, window: RunWindow):
         self.window = window
 
     def qkv(self, call: AttnCall, q, k, v):
@@ -75,7 +65,7 @@ class SourceQK(AttnEdit):
 
 
 @contextmanager
-def source_features(unet, resnet_name: str, window: StepWindow) -> Iterator[None]:
+def source_features(unet, resnet_name: str, window: RunWindow) -> Iterator[None]:
     """Replace the residual branch of resnet `resnet_name` by the source chunk's inside the window.
 
     diffusers' ResnetBlock2D returns (shortcut(x) + conv2(...)) / scale, so a hook on the resnet itself
@@ -104,8 +94,8 @@ def source_features(unet, resnet_name: str, window: StepWindow) -> Iterator[None
 def pnp_plan_for(params: PnPParams, context: PlanContext) -> InjectionPlan:
     """The PnP plan: Q/K edits on the decoder 4-11 layers, the feature patch, a live source branch."""
     layers = frozenset(pnp_attention_layers(context.model.unet.attn_processors))
-    qk = SourceQK(StepWindow(params.pnp_attn_t, context.steps))
-    features = StepWindow(params.pnp_f_t, context.steps)
+    qk = SourceQK(first(params.pnp_attn_t, "pnp_attn_t").of(context.steps))
+    features = first(params.pnp_f_t, "pnp_f_t").of(context.steps)
     return InjectionPlan(
         edits_for=lambda name: (qk,) if name in layers else (),
         patches=lambda unet: source_features(unet, pnp_feature_module(unet), features),

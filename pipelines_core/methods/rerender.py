@@ -10,16 +10,16 @@ fusion runs causally in frame order inside one step. The pieces (methods.md §2.
   into targets, `target_latents` encodes them with Rerender's fidelity compensation,
   `latent_renoise_mask` brings the masks to latent cells, and `renoise_blend_hook` (after_step)
   pulls the second pass's latents toward the noised targets.
-* `keep_model_eps_hook` (on_x0, put last): makes a step move the way Rerender's and ControlVideo's
-  DDIM code does after an x̂0 change (see its docstring).
+* `keep_model_eps_hook` (on_x0, marked to run last): makes a step move the way Rerender's and
+  ControlVideo's DDIM code does after an x̂0 change (see its docstring).
 
 Rerender's order within a step is AdaIN, then the warp: Hooks(on_x0=[adain_hook(...),
-x0_warp_fusion_hook(...), keep_model_eps_hook(scheduler)]). Hooks that need the scheduler take one
-made like the run's: make_scheduler(name, model.scheduler_config) and set_timesteps(steps).
+x0_warp_fusion_hook(...), keep_model_eps_hook()]). Hooks that need the scheduler read the run's own
+from the step (`StepState.scheduler`, `StepState.position`).
 
-Step windows. A window (start, end), fractions of the steps in this run, is active at step index i
-(0-based) when start <= i / total < end. So (0, 0) never fires, (0, 1) always does, and (1, 1) is
-off, as Rerender's default ada_period (1, 1) is. Rerender's own tests differ at the edges: its
+Step windows (`sampling.windows.StepWindow`). A window (start, end), fractions of the steps in this
+run, is active at step index i (0-based) when start <= i / total < end. So (0, 0) never fires, (0, 1)
+always does, and (1, 1) is off, as Rerender's default ada_period (1, 1) is. Rerender's own tests differ at the edges: its
 warp_period and ada_period fire when total*start <= i <= total*end (end included: (0, 0.1) at 20
 steps is steps 0-2 there, 0-1 here) and its mask_period when total*start < i < total*end ((0.5, 0.8)
 at 20 steps is 11-15 there, 10-15 here). Rerender also counts steps over the whole 20-step grid
@@ -36,25 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..flow.warp import FlowField, chain_flows, image_to_nchw, latent_flow, latent_occlusion, warp
-from ..sampling.hooks import Hook, StepState
+from ..sampling.hooks import Hook, StepState, last
+from ..sampling.windows import StepWindow
 from ..sampling.schedulers import SCHEDULERS, predicted_x0
 
 # Rerender's occlusion-mask softening: max-pool 9 then a 9x9 Gaussian with sigma 18 (nearly a box).
 MASK_GROW, MASK_BLUR, MASK_SIGMA = 9, 9, 18.0
 # Fidelity compensation gives up where the compensated latent decodes 0.25 away (on -1..1) = 0.125 on 0..1.
 FIDELITY_THRESHOLD = 0.125
-
-
-# --- step windows --------------------------------------------------------------------------------
-
-def in_window(index: int, total: int, start: float, end: float) -> bool:
-    """start <= index / total < end (index 0-based, total = steps in this run)."""
-    return total > 0 and start <= index / total < end
-
-
-def check_window(start: float, end: float, name: str) -> None:
-    if not (0.0 <= start <= end):
-        raise ValueError(f"{name}: window ({start}, {end}) must satisfy 0 <= start <= end (fractions of the steps)")
 
 
 # --- AdaIN (Rerender's colour consistency) ---------------------------------------------------------
@@ -83,11 +72,11 @@ def adain_hook(start: float = 0.8, end: float = 1.0) -> Hook:
     Rerender: x̂0 <- IN(x̂0) * sigma_first + mu_first during ada_period; (0.8, 1) is its van_gogh
     config (its default (1, 1) switches AdaIN off).
     """
-    check_window(start, end, "AdaIN")
+    window = StepWindow(start, end, "AdaIN")
 
     def hook(state: StepState) -> Tensor:
         x0 = state.x0
-        if x0.shape[0] < 2 or not in_window(state.index, state.total, start, end):
+        if x0.shape[0] < 2 or not window.active(state.index, state.total):
             return x0
         return torch.cat([x0[:1], adain(x0[1:], x0[:1])])
 
@@ -166,12 +155,12 @@ def x0_warp_fusion_hook(
     use_first=True: ref = frame 0's x̂0 through the chained flows (Rerender's `firstx0`).
     Rerender's warp_period default is (0, 0.1). Latent flows are derived once, here.
     """
-    check_window(start, end, "x0 warp fusion")
+    window = StepWindow(start, end, "x0 warp fusion")
     warps = latent_warp(flow, use_first)
 
     def hook(state: StepState) -> Tensor:
         x0 = state.x0
-        if x0.shape[0] < 2 or not in_window(state.index, state.total, start, end):
+        if x0.shape[0] < 2 or not window.active(state.index, state.total):
             return x0
         check_matches(warps, x0, "x0 warp fusion")
         flows, trust = warps.flow.to(x0.device), warps.trust.to(x0.device, x0.dtype)
@@ -296,40 +285,38 @@ def scheduler_name(scheduler) -> str:
     raise ValueError(f"scheduler {cls} is not one of the pack's ({', '.join(SCHEDULERS)})")
 
 
-def _position(scheduler, state: StepState) -> int:
-    """Where the step's timestep stands in the scheduler's grid (found by value, so a scheduler made
-    like the run's works even when the run started mid-grid for SDEdit)."""
-    hits = (scheduler.timesteps.cpu() == state.timestep.cpu()).nonzero()
-    if len(hits) == 0:
-        raise ValueError(f"timestep {int(state.timestep)} is not in the hook's scheduler grid; "
-                         "make the scheduler like the run's (same kind, set_timesteps(steps))")
-    return int(hits[0])
+def run_scheduler(state: StepState):
+    """The run's scheduler and this step's position in its tables, as the loop hands them to hooks."""
+    if state.scheduler is None or state.position is None:
+        raise ValueError("this hook reads the run's scheduler: call it from the sampler's loop (StepState "
+                         "without scheduler/position)")
+    return state.scheduler, state.position
 
 
-def next_alpha_bar(scheduler, state: StepState) -> Tensor:
+def next_alpha_bar(state: StepState) -> Tensor:
     """alpha_bar of the point a VP step moves to: DDIM's prev_timestep rule, else the next grid timestep."""
+    scheduler, position = run_scheduler(state)
     if type(scheduler).__name__ == "DDIMScheduler":
         prev = int(state.timestep) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         return scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
-    position = _position(scheduler, state) + 1
-    if position >= len(scheduler.timesteps):
+    if position + 1 >= len(scheduler.timesteps):
         return torch.tensor(1.0)
-    return scheduler.alphas_cumprod[int(scheduler.timesteps[position])]
+    return scheduler.alphas_cumprod[int(scheduler.timesteps[position + 1])]
 
 
-def next_point_scales(scheduler, state: StepState) -> tuple[Tensor, Tensor]:
+def next_point_scales(state: StepState) -> tuple[Tensor, Tensor]:
     """(s, n) with x_{t'} = s * x0 + n * eps for the point the step just moved to (VP: sqrt(a), sqrt(1-a);
     VE: 1, sigma')."""
+    scheduler, position = run_scheduler(state)
     if SCHEDULERS[scheduler_name(scheduler)].space == "ve":
-        return torch.tensor(1.0), scheduler.sigmas[_position(scheduler, state) + 1]
-    alpha_bar = next_alpha_bar(scheduler, state)
+        return torch.tensor(1.0), scheduler.sigmas[position + 1]
+    alpha_bar = next_alpha_bar(state)
     return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
 
 
 def renoise_blend_hook(
     target: Tensor,
     masks: Tensor,
-    scheduler,
     start: float = 0.5,
     end: float = 0.8,
     strength: float = 0.5,
@@ -349,7 +336,7 @@ def renoise_blend_hook(
     step's eps. If an x̂0 hook changed the same step, eps is the loop's re-derived one, not the model's.
     z is drawn per step from a generator seeded by (seed, step), so a hook gives the same result every run.
     """
-    check_window(start, end, "re-noise blend")
+    window = StepWindow(start, end, "re-noise blend")
     if not (0.0 <= strength <= 1.0 and 0.0 <= inner_strength <= 1.0):
         raise ValueError(
             f"re-noise blend: strength ({strength}) and inner_strength ({inner_strength}) must be in [0, 1]"
@@ -364,11 +351,11 @@ def renoise_blend_hook(
 
     def hook(state: StepState) -> Tensor:
         x, step = state.latents, state.index + 1
-        if step >= state.total or not in_window(step, state.total, start, end):
+        if step >= state.total or not window.active(step, state.total):
             return x
         if x.shape != target.shape:
             raise ValueError(f"re-noise blend: target {tuple(target.shape)} does not match latents {tuple(x.shape)}")
-        s, n = (v.to(x.device, x.dtype) for v in next_point_scales(scheduler, state))
+        s, n = (v.to(x.device, x.dtype) for v in next_point_scales(state))
         g = torch.Generator("cpu").manual_seed(seed * 1_000_003 + step)
         z = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
         w, r = weight.to(x.device, x.dtype), rescale.to(x.device, x.dtype)
@@ -379,36 +366,39 @@ def renoise_blend_hook(
 
 # --- stepping with the model's eps ------------------------------------------------------------------
 
-def keep_model_eps_hook(scheduler) -> Hook:
-    """on_x0, put LAST: make the step land on s' * x̂0_new + n' * eps_model, as Rerender's
+def keep_model_eps_hook() -> Hook:
+    """on_x0, runs last (`hooks.last`): make the step land on s' * x̂0_new + n' * eps_model, as Rerender's
     p_sample_ddim (after controller.update_x0) and ControlVideo's smoother compute x_{t-1}.
 
     The loop re-derives eps from the changed x̂0 (x_t stays fixed), which moves x_{t-1} only by
     k * dx0 with k = sqrt(a') - sqrt((1 - a') a / (1 - a)) instead of sqrt(a') * dx0 (DDIM; at 50 steps
     near t = 881 that is about 1/10 of the effect). This hook returns x̂0_model + g * dx0 with
     g = sqrt(a') / k (Euler: g = sigma / (sigma - sigma')), so the loop's step ends where theirs does.
-    Later hooks in the same list would see the scaled x̂0; no change to x̂0 means no change here.
-    DDIM and Euler only (DPM-Solver++ mixes two steps' eps).
+    It reads the run's scheduler from the step; no change to x̂0 means no change here.
+    DDIM and Euler only (DPM-Solver++ mixes two steps' eps): the run's scheduler is checked at its first step.
     """
-    name = scheduler_name(scheduler)
-    if name not in ("ddim", "euler"):
-        raise ValueError(f"keeping the model's eps needs the ddim or euler scheduler, not {name}")
 
-    def gain(state: StepState) -> Tensor:
+    def gain(state: StepState, name: str) -> Tensor:
+        scheduler, position = run_scheduler(state)
         if SCHEDULERS[name].space == "ve":
-            position = _position(scheduler, state)
             sigma, sigma_next = scheduler.sigmas[position], scheduler.sigmas[position + 1]
             return sigma / (sigma - sigma_next)
-        a, a_next = scheduler.alphas_cumprod[int(state.timestep)], next_alpha_bar(scheduler, state)
+        a, a_next = scheduler.alphas_cumprod[int(state.timestep)], next_alpha_bar(state)
         k = a_next.sqrt() - ((1.0 - a_next) * a / (1.0 - a)).sqrt()
         return a_next.sqrt() / k
 
     def hook(state: StepState) -> Tensor:
-        x0_model = predicted_x0(name, scheduler, state.latents, state.eps, state.timestep, _position(scheduler, state))
+        scheduler, position = run_scheduler(state)
+        name = scheduler_name(scheduler)
+        if name not in KEEPS_MODEL_EPS:
+            raise ValueError(f"keeping the model's eps needs the ddim or euler scheduler, not {name}")
+        x0_model = predicted_x0(name, scheduler, state.latents, state.eps, state.timestep, position)
         change = state.x0 - x0_model
         if not bool(change.abs().max() > 0):
             return state.x0
-        return x0_model + gain(state).to(change) * change
+        return x0_model + gain(state, name).to(change) * change
 
-    return hook
+    return last(hook)
 
+
+KEEPS_MODEL_EPS = ("ddim", "euler")  # schedulers whose step is linear in one eps, so x̂0 can be rescaled

@@ -16,15 +16,17 @@ from typing import Optional
 import torch
 
 from ..flow.warp import FlowField
-from .rerender import (
-    adain_hook, keep_model_eps_hook, latent_renoise_mask, pixel_fusion_targets, renoise_blend_hook, target_latents,
-    x0_warp_fusion_hook,
-)
-from ..sampling.hooks import Hooks
 from ..models.model import VEModel, decode_latents, encode_frames
-from ..sampling.sampler import SamplerSettings, clip_extent, edit_video
-from ..sampling.schedulers import make_scheduler
+from ..sampling.hooks import Hooks
+from ..sampling.sampler import edit_video, resolve_start
+from ..sampling.settings import SamplerSettings
+from ..sampling.windows import StepWindow
 from .controlvideo import interleaved_smoother_hook
+from .rerender import (
+    KEEPS_MODEL_EPS, adain_hook, keep_model_eps_hook, latent_renoise_mask, pixel_fusion_targets, renoise_blend_hook,
+    target_latents, x0_warp_fusion_hook,
+)
+from .text2video_zero import MotionStart
 
 Window = Optional[tuple]  # (start, end) as fractions of the run, or None = off
 
@@ -38,6 +40,17 @@ class TemporalGuidance:
     pixel_strength: float = 0.5  # Rerender mask_strength
     smoother: bool = False  # ControlVideo interleaved-frame smoother
     motion: bool = False  # Text2Video-Zero motion dynamics start, following the flow's mean motion
+
+    def __post_init__(self) -> None:
+        """Checked when made (the Temporal Guidance node), not first at sampling."""
+        for name in ("x0_warp", "adain", "pixel_fusion"):
+            window = getattr(self, name)
+            if window is not None:
+                StepWindow(*window, name=f"Temporal Guidance: {name}")
+                if window[1] > 1.0:
+                    raise ValueError(f"Temporal Guidance: {name} window must end by 1 (got {window[1]})")
+        if (self.x0_warp or self.pixel_fusion or self.motion) and self.flow is None:
+            raise ValueError("Temporal Guidance: warp fusion, pixel fusion and motion need a flow; connect Flow Warp")
 
     def check(self, frame_count: int, size: tuple) -> None:
         if (self.x0_warp or self.pixel_fusion or self.motion) and self.flow is None:
@@ -60,12 +73,6 @@ def motion_strengths(flow: FlowField) -> tuple:
     return (-float(mean[0]) * 512 / width, -float(mean[1]) * 512 / height)
 
 
-def _run_scheduler(model: VEModel, settings: SamplerSettings):
-    scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
-    scheduler.set_timesteps(settings.steps)
-    return scheduler
-
-
 def guidance_hooks(model: VEModel, settings: SamplerSettings, guidance: TemporalGuidance) -> Hooks:
     """The single-pass hooks: AdaIN, then x̂0 warp fusion, then the smoother, then keep the model's eps."""
     on_x0 = []
@@ -76,8 +83,8 @@ def guidance_hooks(model: VEModel, settings: SamplerSettings, guidance: Temporal
     if guidance.smoother:
         on_x0.append(interleaved_smoother_hook(lambda z: decode_latents(model, z),
                                                lambda img: encode_frames(model, img)))
-    if on_x0 and settings.scheduler in ("ddim", "euler"):
-        on_x0.append(keep_model_eps_hook(_run_scheduler(model, settings)))
+    if on_x0 and settings.scheduler in KEEPS_MODEL_EPS:
+        on_x0.append(keep_model_eps_hook())  # marked to run last, after any other x̂0 hook
     return Hooks(on_x0=on_x0)
 
 
@@ -88,12 +95,16 @@ def guided_edit(model: VEModel, settings: SamplerSettings, guidance: Optional[Te
     `sampler_inputs` go to both passes (control, inversion, injection, latent, mask)."""
     if guidance is None:
         return edit_video(model, settings, images, frame_count, size, progress=progress, **sampler_inputs)
-    inversion = sampler_inputs.get("inversion") or getattr(sampler_inputs.get("injection"), "inversion", None)
-    guidance.check(*clip_extent(images, inversion, frame_count, size, sampler_inputs.get("latent")))
+    start = resolve_start(None, images, sampler_inputs.pop("latent", None), sampler_inputs.pop("inversion", None),
+                          sampler_inputs.get("injection"), frame_count, size, sampler_inputs.get("control"))
+    if guidance.motion:
+        if start.has_source:
+            raise ValueError("motion dynamics starts from noise: disconnect the images (or the latent or the "
+                             "inversion) or turn motion off")
+        start = MotionStart(*start.extent(), *motion_strengths(guidance.flow))
+    guidance.check(*start.extent())
     hooks = guidance_hooks(model, settings, guidance)
-    motion = motion_strengths(guidance.flow) if guidance.motion else None
-    latents = edit_video(model, settings, images, frame_count, size, hooks=hooks, progress=progress, motion=motion,
-                         **sampler_inputs)
+    latents = edit_video(model, settings, hooks=hooks, progress=progress, start=start, **sampler_inputs)
     if not guidance.pixel_fusion:
         return latents
 
@@ -101,7 +112,7 @@ def guided_edit(model: VEModel, settings: SamplerSettings, guidance: Optional[Te
     # again from the same start, re-noising toward those targets inside mask_period.
     targets, masks = pixel_fusion_targets(decode_latents(model, latents), guidance.flow)
     target = target_latents(lambda img: encode_frames(model, img), lambda z: decode_latents(model, z), targets)
-    blend = renoise_blend_hook(target, latent_renoise_mask(masks), _run_scheduler(model, settings),
-                               *guidance.pixel_fusion, strength=guidance.pixel_strength, seed=settings.seed)
-    return edit_video(model, settings, images, frame_count, size, hooks=hooks + Hooks(after_step=[blend]),
-                      progress=progress, motion=motion, **sampler_inputs)
+    blend = renoise_blend_hook(target, latent_renoise_mask(masks), *guidance.pixel_fusion,
+                               strength=guidance.pixel_strength, seed=settings.seed)
+    return edit_video(model, settings, hooks=hooks + Hooks(after_step=[blend]), progress=progress, start=start,
+                      **sampler_inputs)

@@ -1,6 +1,6 @@
 """Text2Video-Zero's motion-dynamics start (Khachatryan et al., ICCV 2023, §3.3.1).
 
-One x_T for frame 0 is DDIM-denoised to t1 and on to t0; x_{t0} is copied to frames k >= 1, each
+`MotionStart` is the start the sampler calls (generating from noise, DDIM). One x_T for frame 0 is DDIM-denoised to t1 and on to t0; x_{t0} is copied to frames k >= 1, each
 copy shifted by the global motion delta_k = lambda * k * (dx, dy); the copies are DDPM-noised from
 t0 back to t1 with fresh noise. The caller then runs the pack's loop over the remaining timesteps
 for all frames (frame 0 from its own x_{t1}).
@@ -13,14 +13,17 @@ uses the grid steps whose timesteps are nearest those values, i.e. the same frac
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..flow.warp import motion_field, warp_latents_motion
-from ..sampling.progress import Progress
-from ..sampling.sampler import Denoiser, denoise_loop
+from ..sampling.chunks import plan_chunks
+from ..sampling.loop import Denoiser, denoise_loop
+from ..progress import Progress
+from ..sampling.starts import Begun, NoiseStart, StartContext
 
 PAPER_STEPS = 50
 
@@ -91,7 +94,8 @@ def motion_dynamics_start(
 
     # 1. Frame 0: DDIM from T to t1, then from t1 to t0 (the pack's loop, frame 0 alone)
     first_t1 = denoise_loop(denoise_first, first_noise, scheduler, "ddim", timesteps[:step_t1], progress=progress)
-    first_t0 = denoise_loop(denoise_first, first_t1, scheduler, "ddim", timesteps[step_t1:step_t0], progress=progress)
+    first_t0 = denoise_loop(denoise_first, first_t1, scheduler, "ddim", timesteps[step_t1:step_t0], progress=progress,
+                            first_position=step_t1)
     if frame_count == 1:
         return first_t1, timesteps[step_t1:]
 
@@ -103,3 +107,26 @@ def motion_dynamics_start(
     others_t1 = ddpm_forward(moved, alpha_bar[int(timesteps[step_t0])], alpha_bar[int(timesteps[step_t1])],
                              noise.expand_as(moved))
     return torch.cat([first_t1, others_t1]), timesteps[step_t1:]
+
+
+@dataclass(frozen=True)
+class MotionStart(NoiseStart):
+    """Text2Video-Zero's start for the sampler: noise for every frame, then frame 0 alone (with the run's prompts,
+    control and processors) to t1 and t0, moved by (strength_x, strength_y) per frame (512-pixel units)."""
+
+    strength_x: float = 12.0
+    strength_y: float = 12.0
+
+    def check(self, settings, model) -> None:
+        super().check(settings, model)
+        if settings.scheduler != "ddim":
+            raise ValueError(f"motion dynamics needs the 'ddim' scheduler (Text2Video-Zero's), not {settings.scheduler!r}")
+
+    def begin(self, context: StartContext) -> Begun:
+        noise = super().begin(context).latents
+        first = replace(context.denoiser, chunks=plan_chunks(1, 1, "none"))
+        generator = torch.Generator("cpu").manual_seed(context.settings.seed + 1)
+        latents, timesteps = motion_dynamics_start(first, context.scheduler, noise[:1], noise.shape[0], self.strength_x,
+                                                   self.strength_y, generator=generator,
+                                                   shared_noise=context.settings.noise == "shared")
+        return Begun(latents, timesteps, first_position=len(context.timesteps) - len(timesteps))

@@ -11,22 +11,22 @@ At every denoising step:
      (norm1 tokens), mixing the keyframe at or before i and the one after it with weights w, 1-w.
 
 What we run differs from the official two-pass schedule (a pivotal UNet pass on the keyframes, then one
-pass per batch of 8 reading the stored keyframe outputs): here both happen inside one UNet call. Around
-every transformer block's attn1, a pre-hook hands attn1 only the keyframes' tokens and a hook propagates
-their outputs to all frames. With the default linear weights a keyframe's propagated output is its own
-(nearest neighbour of itself, w = 1), so every keyframe row evolves exactly as in a keyframe-only pass and
-the result equals the two-pass schedule with the same keyframes. With the sigmoid option keyframes keep
-their own output too (the official batch pass would mix even a keyframe), so the pivots stay clean.
-Pairing also follows the paper, not the code: the code mixes the keyframe of a frame's batch of 8 with the
-previous batch's, with distances to the batch midpoints; we take the nearest keyframes before and after
-the frame and distances to those keyframes. Frames are propagated within one sampler chunk (its UNet call).
+pass per batch of 8 reading the stored keyframe outputs): here both happen inside one UNet call. On every
+self-attention layer (attn1, whose input is norm1's tokens), a token edit (`AttnEdit.tokens`) hands attention
+only the keyframes' tokens and propagates their outputs to all frames. With the default linear weights a
+keyframe's propagated output is its own (nearest neighbour of itself, w = 1), so every keyframe row evolves
+exactly as in a keyframe-only pass and the result equals the two-pass schedule with the same keyframes.
+With the sigmoid option keyframes keep their own output too (the official batch pass would mix even a
+keyframe), so the pivots stay clean. Pairing also follows the paper, not the code: the code mixes the
+keyframe of a frame's batch of 8 with the previous batch's, with distances to the batch midpoints; we take
+the nearest keyframes before and after the frame and distances to those keyframes. Frames are propagated
+within one sampler chunk (its UNet call).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +161,7 @@ def extend_to_keyframes(x: torch.Tensor, layout: FrameLayout) -> torch.Tensor:
 
 
 class ExtendedAttention(AttnEdit):
-    """TokenFlow's extended attention among the keyframes (only in the keyframe calls the patch makes)."""
+    """TokenFlow's extended attention among the keyframes (only in the keyframe calls `KeyframeCall` makes)."""
 
     def qkv(self, call: AttnCall, q, k, v):
         if call.is_self and isinstance(call.layout, KeyframeLayout):
@@ -176,7 +176,6 @@ class TokenFlowRun:
         self.params = params
         self.generator = torch.Generator("cpu").manual_seed(seed)
         self.keyframes: dict = {}  # (step, frame ids) -> keyframe positions
-        self._pending = None  # (tokens, layout, keyframes) between an attn1 pre-hook and its hook
 
     def keyframes_for(self, layout: FrameLayout) -> tuple:
         """The keyframes of a UNet call: drawn at its first attn1 and kept for all its blocks."""
@@ -185,47 +184,29 @@ class TokenFlowRun:
             self.keyframes[key] = draw_keyframes(layout.frames, self.params.kf_every, self.generator)
         return self.keyframes[key]
 
-    def to_keyframes(self, attn, args, kwargs):
-        """attn1 pre-hook: run self-attention on the keyframes' tokens only."""
-        layout = kwargs.get("layout")
-        if layout is None or "source" not in layout.roles or kwargs.get("encoder_hidden_states") is not None \
-                or kwargs.get("attention_mask") is not None:  # SD's self-attention has no mask
-            return None
-        tokens = args[0]
-        keyframes = self.keyframes_for(layout)
-        self._pending = (tokens, layout, keyframes)
+
+class KeyframeCall(AttnEdit):
+    """TokenFlow's keyframe call as a token edit on attn1: attention runs on the keyframes' tokens only (merge),
+    then every frame's output is propagated from the keyframes' outputs by nearest neighbours (unmerge).
+
+    Acts on self-attention calls with a source chunk and no attention mask; the others pass unchanged.
+    """
+
+    def __init__(self, run: TokenFlowRun):
+        self.run = run
+
+    def tokens(self, call: AttnCall, hidden_states: torch.Tensor):
+        layout = call.layout
+        if not call.is_self or call.has_mask or layout is None or "source" not in layout.roles:
+            return hidden_states, call, None
+        keyframes = self.run.keyframes_for(layout)
         pivot = KeyframeLayout(len(keyframes), tuple(layout.frame_ids[p] for p in keyframes), layout.roles,
                                layout.timestep, layout.step, keyframes)
-        return (select_frames(tokens, layout, keyframes),) + tuple(args[1:]), {**kwargs, "layout": pivot}
 
-    def from_keyframes(self, attn, args, kwargs, output):
-        """attn1 hook: propagate the keyframes' outputs to every frame of the call."""
-        if not isinstance(kwargs.get("layout"), KeyframeLayout) or self._pending is None:
-            return None
-        tokens, layout, keyframes = self._pending
-        self._pending = None
-        return propagate_from_keyframes(tokens, layout, keyframes, output, self.params.blend)
+        def from_keyframes(keyframe_out: torch.Tensor) -> torch.Tensor:
+            return propagate_from_keyframes(hidden_states, layout, keyframes, keyframe_out, self.run.params.blend)
 
-
-def transformer_blocks(unet) -> list:
-    """The UNet's transformer blocks (diffusers BasicTransformerBlock: norm1 -> attn1 -> ...)."""
-    from diffusers.models.attention import BasicTransformerBlock
-
-    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
-
-
-@contextmanager
-def keyframe_propagation(unet, run: TokenFlowRun) -> Iterator[None]:
-    """Hooks around every transformer block's attn1 (its input is norm1's tokens); removed on exit."""
-    handles = []
-    try:
-        for block in transformer_blocks(unet):
-            handles.append(block.attn1.register_forward_pre_hook(run.to_keyframes, with_kwargs=True))
-            handles.append(block.attn1.register_forward_hook(run.from_keyframes, with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        return select_frames(hidden_states, layout, keyframes), replace(call, layout=pivot), from_keyframes
 
 
 # --- the plan --------------------------------------------------------------------------------------
@@ -233,21 +214,17 @@ def keyframe_propagation(unet, run: TokenFlowRun) -> Iterator[None]:
 def tokenflow_planner(injection: Injection, context: PlanContext) -> InjectionPlan:
     params: TokenFlowParams = injection.params
     pnp = pnp_plan_for(params.pnp, context)
-    run = TokenFlowRun(params, context.seed)
+    keyframe_call = KeyframeCall(TokenFlowRun(params, context.seed))
     extended = ExtendedAttention()
 
     def edits_for(name: str) -> tuple:
-        return tuple(pnp.edits_for(name)) + ((extended,) if is_self_attention(name) else ())
+        # every attn1 of the UNet (one per transformer block); the keyframe call's token point runs before any qkv
+        return tuple(pnp.edits_for(name)) + ((keyframe_call, extended) if is_self_attention(name) else ())
 
     def rule_for(name: str) -> Optional[object]:
         return own_frame if is_self_attention(name) else None  # keyframes are extended by the edit instead
 
-    @contextmanager
-    def patches(unet):
-        with pnp.patches(unet), keyframe_propagation(unet, run):
-            yield
-
-    return InjectionPlan(edits_for=edits_for, rule_for=rule_for, patches=patches, source_branch=True)
+    return InjectionPlan(edits_for=edits_for, rule_for=rule_for, patches=pnp.patches, source_branch=True)
 
 
 def tokenflow_injection(inversion, params: TokenFlowParams = TokenFlowParams()) -> Injection:

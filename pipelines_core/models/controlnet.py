@@ -31,9 +31,12 @@ _LDM_PREFIX = "control_model."  # full ControlNet v1.0 training checkpoints nest
 
 # --- one ControlNet and its hints -----------------------------------------------------------------
 
-def in_window(index: int, total: int, start: float, end: float) -> bool:
-    """Whether step `index` of `total` lies in [start, end] (diffusers' `controlnet_keep` rule)."""
-    return not (index / total < start or (index + 1) / total > end)
+def check_unit_settings(strength: float, start: float, end: float) -> None:
+    """How a ControlNet steers, checked before any hint is made (ControlUnit checks it again)."""
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"ControlNet start/end must satisfy 0 <= start <= end <= 1 (got {start}, {end})")
+    if strength < 0:
+        raise ValueError(f"ControlNet strength must be 0 or more (got {strength})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,10 +63,7 @@ class ControlUnit:
         if not isinstance(h, torch.Tensor) or h.ndim != 4 or h.shape[1] != 3:
             shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
             raise ValueError(f"ControlNet hints must be (frames, 3, height, width), got {shape}")
-        if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ValueError(f"ControlNet start/end must satisfy 0 <= start <= end <= 1 (got {self.start}, {self.end})")
-        if self.strength < 0:
-            raise ValueError(f"ControlNet strength must be 0 or more (got {self.strength})")
+        check_unit_settings(self.strength, self.start, self.end)
         # Kept on the CPU in float: only the frames of one call travel to the accelerator.
         object.__setattr__(self, "hints", h.detach().to("cpu", torch.float32).contiguous())
 
@@ -81,7 +81,9 @@ class ControlUnit:
         return self.guess_mode or bool(getattr(self.controlnet.config, "global_pool_conditions", False))
 
     def active(self, index: int, total: int) -> bool:
-        return in_window(index, total, self.start, self.end)
+        # diffusers' `controlnet_keep` rule, kept as it is so our ControlNet equals diffusers' (the whole step
+        # [index, index + 1] / total inside [start, end]); the pack's own windows are sampling.windows'.
+        return not (index / total < self.start or (index + 1) / total > self.end)
 
     def residuals(self, x: torch.Tensor, context: torch.Tensor, layout, timestep, with_layout: bool):
         """(down residuals, mid residual) for the UNet batch `x`, or None when no chunk is controlled."""

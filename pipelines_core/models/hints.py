@@ -33,6 +33,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..video.frames import check_image_batch
+
 
 @dataclass(frozen=True)
 class Annotator:
@@ -54,12 +56,6 @@ PREPROCESSORS = ("none", "canny") + tuple(ANNOTATORS)
 
 
 # --- frames <-> images --------------------------------------------------------------------------------
-
-def check_image_batch(frames: torch.Tensor) -> None:
-    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] != 3:
-        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-        raise ValueError(f"ControlNet Condition needs a ComfyUI IMAGE batch (frames, height, width, 3), got {shape}")
-
 
 def to_uint8(frame: torch.Tensor) -> np.ndarray:
     """One IMAGE frame (H, W, 3) in 0..1 -> uint8 RGB array, what OpenCV and the detectors read."""
@@ -137,7 +133,7 @@ def make_hints(
     **detector_options,
 ) -> torch.Tensor:
     """ComfyUI IMAGE (F, H, W, 3) -> hint maps (F, 3, H, W) in 0..1 on the CPU, at the frames' size."""
-    check_image_batch(frames)
+    check_image_batch(frames, "ControlNet Condition's frames")
     if preprocessor not in PREPROCESSORS:
         raise ValueError(f"unknown preprocessor {preprocessor!r}; choose one of {', '.join(PREPROCESSORS)}")
     if preprocessor == "none":

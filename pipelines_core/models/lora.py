@@ -124,13 +124,6 @@ def adapter_weights(loras) -> dict:
     return weights
 
 
-def unload_loras(model: VEModel) -> None:
-    """Remove every loaded LoRA adapter from the model's modules (frees their memory); the modules
-    become plain diffusers/transformers layers again. Later scopes reload what they need."""
-    for module in (model.unet, model.text_encoder):
-        _remove_adapters(module)
-
-
 # --- reading a file ------------------------------------------------------------------------------
 
 def read_lora(path: str) -> LoraLayers:

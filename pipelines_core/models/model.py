@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from ..video.frames import check_image_batch
+
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_SD15_RANDOM = "builtin:sd15-random"  # SD-1.5-sized, random weights: for benchmarks only
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -263,8 +265,7 @@ def encode_frame_stream(model: VEModel, frame_batches: Iterable[torch.Tensor],
         out.extend(z.float().cpu() for z in _encode_batch(model, frames, draws))
 
     for frames in frame_batches:
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-            raise ValueError(f"frames must be IMAGE batches (frames, height, width, 3), got {tuple(frames.shape)}")
+        check_image_batch(frames, "frames")
         start = 0
         while start < frames.shape[0]:
             take = min(batch - held, frames.shape[0] - start)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -30,8 +31,12 @@ from ..attention.store import (
     feature_recording, key_frames, over_budget_message, recording_edits,
 )
 from ..models.model import VEModel, decode_latents, encode_frames, encode_prompt
-from .progress import Progress, or_silent
-from .sampler import Hooks, StepState, VideoDenoiser, check_frames, denoise_loop, plan_chunks
+from ..progress import Progress, or_silent
+from ..video.frames import check_image_batch
+from .chunks import plan_chunks
+from .denoiser import VideoDenoiser
+from .hooks import Hooks, StepState
+from .loop import denoise_loop
 
 __all__ = [
     "INVERTIBLE", "Inversion", "RecordSpec", "check_invertible", "clear_inversion_cache", "ddim_invert",
@@ -163,7 +168,7 @@ def invert_video(
     """
     # 1. Check inputs
     check_invertible(scheduler)
-    check_frames(frames)
+    check_image_batch(frames, "images", multiple_of=8)
     _check_settings(steps, cfg, chunk_size, attention, record)
     frame_count, height, width = frames.shape[:3]
     chunks = plan_chunks(frame_count, chunk_size, attention)
@@ -375,8 +380,18 @@ def _content_hash(frames: torch.Tensor) -> str:
 
 
 def _cache_key(model: VEModel, frames, prompt, steps, cfg, record, null_text, attention, chunk_size) -> tuple:
-    weights = (model.source, str(model.dtype), str(model.device), repr(model.loras), id(model.unet))
+    weights = (model.source, str(model.dtype), str(model.device), repr(model.loras), weights_token(model.unet))
     return (_content_hash(frames), weights, prompt, steps, float(cfg), record, null_text, attention, chunk_size)
+
+
+def weights_token(unet) -> str:
+    """A name for this UNet object that is never reused: `id()` is, once the object is freed, so a cache keyed
+    on it could hand a new model's run an old model's inversion."""
+    token = getattr(unet, "_video_edit_token", None)
+    if token is None:
+        token = uuid.uuid4().hex
+        unet._video_edit_token = token
+    return token
 
 
 def _remember(key: tuple, inversion: Inversion) -> None:

@@ -26,10 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
-from .encode import encode_video, format_spec, list_formats
 
-__all__ = ["load_video", "open_video", "collect", "VideoStream", "Clip", "encode_video", "list_formats", "format_spec",
-           "select_frames",
+__all__ = ["load_video", "open_video", "collect", "VideoStream", "Clip", "select_frames",
            "resample_copies", "output_size", "IMAGE_EXTENSIONS", "image_files", "image_sequence", "is_image_folder",
            "folder_fingerprint", "read_image", "natural_key", "ffmpeg_reads"]
 

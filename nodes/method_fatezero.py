@@ -1,0 +1,74 @@
+"""Attention Injector (FateZero): the source's attention fused into the edit, from a DDIM inversion."""
+
+from __future__ import annotations
+
+from ..pipelines_core.methods.fatezero import FateZeroParams, fatezero_injection
+from .methods import FRACTION, INVERSION, InjectorNode, MethodNode, Paper
+
+
+def words(text: str) -> tuple:
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def numbers(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in words(text))
+    except ValueError:
+        raise ValueError("Attention Injector (FateZero): equalizer_values must be numbers separated by commas "
+                         f"(got {text!r})") from None
+
+
+class VE_InjectFateZero(InjectorNode):
+    DESCRIPTION = (
+        "What the Cross-Frame Sampler injects from DDIM Invert, the FateZero way: self-attention map fusion with "
+        "a blend-word mask + prompt-to-prompt cross-attention, the source maps from a live source branch or "
+        "recorded by DDIM Invert. Defaults are the paper's (Qi et al., ICCV 2023)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "inversion": INVERSION,
+                "fatezero_source": (["live", "stored"], {"default": "live",
+                                                         "tooltip": "Source attention maps from a live source branch "
+                                                                    "while sampling (DDIM Invert: latents only; ~1.5x "
+                                                                    "compute, no stored maps) or recorded by DDIM Invert "
+                                                                    "(paper-exact; tens of GB at 512 px)."}),
+                "self_replace": ("FLOAT", {"default": 0.8, **FRACTION,
+                                           "tooltip": "Fuse self-attention maps for this fraction of steps "
+                                                      "(0.8 style, 0.5 shape)."}),
+                "cross_replace": ("FLOAT", {"default": 0.8, **FRACTION,
+                                            "tooltip": "Prompt-to-prompt cross-attention for this fraction."}),
+                "p2p_mode": (["refine", "replace"], {"default": "refine",
+                                                     "tooltip": "Refine (style; any prompt) or replace "
+                                                                "(same word count; objects)."}),
+                "blend_words": ("STRING", {"default": "",
+                                           "tooltip": "Source-prompt words whose region is edited (comma separated); "
+                                                      "empty = edit everywhere."}),
+                "target_blend_words": ("STRING", {"default": "",
+                                                  "tooltip": "Target-prompt words for the latent blend mask."}),
+                "blend_threshold": ("FLOAT", {"default": 0.3, **FRACTION, "tooltip": "Blend mask threshold."}),
+                "equalizer_words": ("STRING", {"default": "", "tooltip": "Target words whose attention is scaled."}),
+                "equalizer_values": ("STRING", {"default": "", "tooltip": "One scale per equalizer word, e.g. 10."}),
+            }
+        }
+
+    def build(self, inversion, fatezero_source, self_replace, cross_replace, p2p_mode, blend_words,
+              target_blend_words, blend_threshold, equalizer_words, equalizer_values):
+        params = FateZeroParams(
+            cross_replace=cross_replace, self_replace=self_replace, mode=p2p_mode, blend_words=words(blend_words),
+            target_blend_words=words(target_blend_words), blend_th=blend_threshold,
+            equalizer_words=words(equalizer_words), equalizer_values=numbers(equalizer_values),
+            latent_blend=(0.2, 0.8) if blend_words.strip() else None, source=fatezero_source,
+        )
+        return (fatezero_injection(inversion, params),)
+
+
+METHOD = MethodNode(
+    name="FateZero", display_name="Attention Injector (FateZero)", node=VE_InjectFateZero,
+    paper=Paper("FateZero: Fusing Attentions for Zero-shot Text-based Video Editing", "Qi et al.", "ICCV 2023",
+                "https://arxiv.org/abs/2303.09535"),
+    mechanism="the source's self-attention maps fused into the edit under a blend-word mask, prompt-to-prompt "
+              "refine/replace on cross-attention, equalizer, latent blend",
+)

@@ -1,0 +1,315 @@
+"""Each shipped workflow's method does what it is there for: the graph is run headless at quick settings with
+and without the node or setting that provides its mechanism, and the sampler's outputs must differ by a
+measured amount and show the property the method promises (methods.md §6).
+
+Nodes are found by what they return (RETURN_TYPES) or by input names, never by class name, so a workflow may
+swap one injector node for another. Every file in workflows/ needs an entry in MECHANISMS.
+
+Figures measured on builtin:tiny at these settings (4 frames of 128x96, 4 steps) are quoted next to each
+floor; the floors sit well under them.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_video_edit.headless import execute, object_info, ui_to_api
+from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+INFO = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
+FRAMES, STEPS, WIDTH, HEIGHT = 4, 4, 128, 96
+
+
+# --- the graph ---------------------------------------------------------------------------------------------
+
+def workflow_prompt(path: Path) -> dict:
+    return ui_to_api(json.loads(path.read_text()), INFO)
+
+
+def copied(prompt: dict) -> dict:
+    return json.loads(json.dumps(prompt))
+
+
+def node_class(prompt: dict, node_id: str):
+    return NODE_CLASS_MAPPINGS[prompt[node_id]["class_type"]]
+
+
+def is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+
+
+def link_type(prompt: dict, link: list) -> str:
+    return node_class(prompt, link[0]).RETURN_TYPES[link[1]]
+
+
+def quick(prompt: dict) -> dict:
+    """Fewer frames, smaller frames, fewer steps; the graph itself is unchanged (inversion and sampler keep
+    the same step count, as they must)."""
+    out = copied(prompt)
+    for node in out.values():
+        inputs = node["inputs"]
+        if "frame_cap" in inputs:  # the video loaders
+            inputs.update(frame_cap=FRAMES, width=WIDTH, height=HEIGHT)
+        if "steps" in inputs:
+            inputs["steps"] = STEPS
+    return out
+
+
+def sampler_id(prompt: dict) -> str:
+    found = [k for k, v in prompt.items()
+             if "LATENT" in node_class(prompt, k).RETURN_TYPES and {"attention", "steps"} <= set(v["inputs"])]
+    assert len(found) == 1, f"expected one sampler (LATENT output, attention and steps inputs), found {found}"
+    return found[0]
+
+
+def provider(prompt: dict, node_id: str, socket_type: str) -> str:
+    """The node feeding `node_id` through an input of `socket_type`."""
+    links = [v for v in prompt[node_id]["inputs"].values() if is_link(v) and link_type(prompt, v) == socket_type]
+    assert len(links) == 1, f"node {node_id}: expected one {socket_type} input link, found {links}"
+    return links[0][0]
+
+
+def unlinked(prompt: dict, socket_type: str) -> dict:
+    """The graph with the sampler's input of `socket_type` disconnected."""
+    out = copied(prompt)
+    inputs = out[sampler_id(out)]["inputs"]
+    names = [n for n, v in inputs.items() if is_link(v) and link_type(out, v) == socket_type]
+    assert names, f"the sampler has no {socket_type} input to disconnect"
+    for name in names:
+        del inputs[name]
+    return out
+
+
+def with_inputs(prompt: dict, node_id: str, **values) -> dict:
+    out = copied(prompt)
+    missing = set(values) - set(out[node_id]["inputs"])
+    assert not missing, f"node {node_id} ({out[node_id]['class_type']}) has no input {sorted(missing)}"
+    out[node_id]["inputs"].update(values)
+    return out
+
+
+def generating(prompt: dict, like: torch.Tensor) -> dict:
+    """Size the sampler's own generation like `like` (latents), for graphs that lose their images or hints."""
+    frames, _, h, w = like.shape
+    return with_inputs(prompt, sampler_id(prompt), frame_count=frames, width=w * 8, height=h * 8)
+
+
+def run(prompt: dict):
+    """Run what the sampler needs; its latents (ComfyUI convention) and the whole result."""
+    sampler = sampler_id(prompt)
+    result = execute(prompt, NODE_CLASS_MAPPINGS, outputs=[sampler])
+    return result.outputs[sampler][1]["samples"], result
+
+
+def latents(prompt: dict) -> torch.Tensor:
+    return run(prompt)[0]
+
+
+# --- measures ----------------------------------------------------------------------------------------------
+
+def mad(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean())
+
+
+def per_frame(a: torch.Tensor, b: torch.Tensor) -> list:
+    return [float((a[k] - b[k]).abs().mean()) for k in range(a.shape[0])]
+
+
+def neighbour_gap(x: torch.Tensor) -> float:
+    """Mean |frame k+1 - frame k|: lower = consecutive frames closer."""
+    return float((x[1:] - x[:-1]).abs().mean())
+
+
+def fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+
+
+def differs(name: str, with_it: torch.Tensor, without: torch.Tensor, floor: float) -> float:
+    effect = mad(with_it, without)
+    print(f"\n{name}: mean |diff| {effect:.4g} (per frame {fmt(per_frame(with_it, without))})")
+    assert effect > floor, f"{name}: the sampler's latents moved by {effect:.3g} (mean abs), want > {floor:g}"
+    return effect
+
+
+def first_frame_alone(name: str, with_it: torch.Tensor, without: torch.Tensor, floor: float, rounding=1e-3):
+    """A causal mechanism leaves frame 0 as it is (up to float rounding) and moves the later frames."""
+    frames = per_frame(with_it, without)
+    kept = float((with_it[0] - without[0]).abs().max())
+    print(f"\n{name}: frame 0 max |diff| {kept:.3g}, per frame mean {fmt(frames)}")
+    assert kept <= rounding, f"{name}: frame 0 moved by {kept:.3g} (max abs), want <= {rounding:g}"
+    assert min(frames[1:]) > floor, f"{name}: later frames moved by {fmt(frames[1:])}, want each > {floor:g}"
+
+
+# --- one check per workflow --------------------------------------------------------------------------------
+
+def check_sdedit_crossframe(prompt):
+    sampler = sampler_id(prompt)
+    edited, result = run(prompt)
+    # cross-frame attention (first+previous): measured 0.13 overall, frames 1-3 0.13-0.23, frame 0 ~1e-5
+    plain = latents(with_inputs(prompt, sampler, attention="none"))
+    differs("sdedit: attention -> none", edited, plain, 1e-2)
+    first_frame_alone("sdedit: attention -> none", edited, plain, 1e-2)
+    # SDEdit keeps the source: the edit lies nearer the clip's latents than a generation from noise (4.2 vs 22.7)
+    from comfyui_video_edit.pipelines_core.models.model import encode_frames
+
+    model = result.outputs[provider(prompt, sampler, "VE_MODEL")][0]
+    frames = result.outputs[provider(prompt, sampler, "IMAGE")][0]
+    with torch.inference_mode():
+        source = encode_frames(model, frames) / model.vae_scale
+    generated = latents(generating(unlinked(prompt, "IMAGE"), edited))
+    near, far = mad(edited, source), mad(generated, source)
+    print(f"\nsdedit: distance to the source latents {near:.3g}, generation from noise {far:.3g}")
+    assert near < 0.5 * far, f"SDEdit output is {near:.3g} from the source, generation {far:.3g}"
+
+
+def check_lora_sdedit(prompt):
+    sampler = sampler_id(prompt)
+    lora = provider(prompt, sampler, "VE_MODEL")
+    base = [v for v in prompt[lora]["inputs"].values() if is_link(v) and link_type(prompt, v) == "VE_MODEL"]
+    assert len(base) == 1 and "strength" in prompt[lora]["inputs"], "the sampler's model is not a LoRA-like node"
+    bypassed = copied(prompt)
+    bypassed[sampler]["inputs"]["model"] = base[0]
+    styled, without = latents(prompt), latents(bypassed)
+    differs("lora: LoRA node bypassed", styled, without, 0.5)  # measured 6.1
+    at_zero = latents(with_inputs(prompt, lora, strength=0.0))
+    assert torch.equal(at_zero, without), f"LoRA at strength 0 moved the output by {mad(at_zero, without):.3g}"
+
+
+def check_text2video_zero_edit(prompt):
+    sampler = sampler_id(prompt)
+    edited = latents(prompt)
+    # attention "first": frames share frame 0's keys; the frames are near copies (shared noise), so the effect
+    # is small: measured frames 1-3 ~5e-5 mean, 3e-4 max; frame 0 exactly unchanged. With identical frames
+    # (no ControlNet) the two rules give exactly equal outputs, so any difference here is the rule's.
+    plain = latents(with_inputs(prompt, sampler, attention="none"))
+    first_frame_alone("t2v-zero: attention -> none", edited, plain, 5e-6, rounding=1e-6)
+    # the ControlNet gives each frame its structure (measured 4.7); without it shared noise makes the frames
+    # identical, with it they differ (neighbour gap measured 6e-4)
+    uncontrolled = latents(generating(unlinked(prompt, "VE_CONTROL"), edited))
+    differs("t2v-zero: ControlNet disconnected", edited, uncontrolled, 0.5)
+    assert torch.equal(uncontrolled, uncontrolled[:1].expand_as(uncontrolled)), "shared noise: identical frames"
+    assert neighbour_gap(edited) > 1e-5, f"the hints do not tell frames apart: gap {neighbour_gap(edited):.3g}"
+    neither = latents(generating(with_inputs(unlinked(prompt, "VE_CONTROL"), sampler, attention="none"), edited))
+    differs("t2v-zero: attention none and no ControlNet", edited, neither, 0.5)  # measured 4.7
+    # shared initial noise: per-frame noise pulls the frames apart (measured 22 overall, gap 29 vs 6e-4)
+    independent = latents(with_inputs(prompt, sampler, noise="per_frame"))
+    differs("t2v-zero: noise -> per_frame", edited, independent, 1.0)
+    assert neighbour_gap(edited) < 0.01 * neighbour_gap(independent), (
+        f"shared noise: neighbour gap {neighbour_gap(edited):.3g} vs per-frame {neighbour_gap(independent):.3g}")
+
+
+def check_controlvideo_edit(prompt):
+    sampler = sampler_id(prompt)
+    edited = latents(prompt)
+    # the interleaved smoother replaces interior frames (odd, then even) and keeps both ends: measured 26 on
+    # frames 1-2, 0.0018 on frames 0 and 3 (the ends move only through the all-frames attention)
+    unsmoothed = latents(unlinked(prompt, "VE_TEMPORAL"))
+    differs("controlvideo: Temporal Guidance disconnected", edited, unsmoothed, 1.0)  # measured 13
+    frames = per_frame(edited, unsmoothed)
+    assert min(frames[1:-1]) > 100 * max(frames[0], frames[-1]), f"smoother: interior vs ends {fmt(frames)}"
+    # fully cross-frame attention (measured 0.054)
+    differs("controlvideo: attention all -> none", edited, latents(with_inputs(prompt, sampler, attention="none")),
+            5e-3)
+
+
+def check_rerender_edit(prompt):
+    from comfyui_video_edit.pipelines_core.flow.warp import warp_error
+
+    sampler = sampler_id(prompt)
+    edited, result = run(prompt)
+    plain, plain_result = run(unlinked(prompt, "VE_TEMPORAL"))
+    differs("rerender: Temporal Guidance disconnected", edited, plain, 0.5)  # measured 6.6
+    first_frame_alone("rerender: Temporal Guidance disconnected", edited, plain, 0.5)  # frames 1-3: 8.5-9.2
+    # steadier along the source clip's flow (measured warp error 0.0312 vs 0.0356; x0 warp and pixel fusion
+    # act at 4 steps, AdaIN's window (0.8, 1) does not: see test_temporal_recipes for each factor alone)
+    flow = result.outputs[provider(prompt, provider(prompt, sampler, "VE_TEMPORAL"), "VE_FLOW")][0]
+    guided, unguided = warp_error(result.outputs[sampler][0], flow), warp_error(plain_result.outputs[sampler][0], flow)
+    print(f"\nrerender: warp error {guided:.4f} with Temporal Guidance, {unguided:.4f} without")
+    assert guided < unguided, f"rerender: warp error {guided:.4f} with Temporal Guidance, {unguided:.4f} without"
+
+
+def check_pix2video_edit(prompt):
+    sampler = sampler_id(prompt)
+    injector = provider(prompt, sampler, "VE_INJECTION")
+    edited = latents(prompt)
+    differs("pix2video: injection disconnected", edited, latents(unlinked(prompt, "VE_INJECTION")), 1e-2)
+    # x̂0 guidance toward the previous frame: weight 0 differs (measured 0.16, frames 1-3 0.2), frame 0 is never
+    # moved, consecutive frames come closer (measured neighbour gap 9.08 vs 9.31)
+    unguided = latents(with_inputs(prompt, injector, guidance_weight=0.0))
+    differs("pix2video: guidance weight 0", edited, unguided, 1e-2)
+    first_frame_alone("pix2video: guidance weight 0", edited, unguided, 1e-2)
+    assert neighbour_gap(edited) < neighbour_gap(unguided), (
+        f"guidance: neighbour gap {neighbour_gap(edited):.4g} vs {neighbour_gap(unguided):.4g} without")
+
+
+def check_tokenflow_edit(prompt):
+    edited = latents(prompt)
+    plain = latents(unlinked(prompt, "VE_INJECTION"))
+    differs("tokenflow: injection disconnected", edited, plain, 0.5)  # measured 5.6
+    # keyframe propagation: consecutive frames closer (measured neighbour gap 7.77 vs 8.82)
+    assert neighbour_gap(edited) < 0.97 * neighbour_gap(plain), (
+        f"tokenflow: neighbour gap {neighbour_gap(edited):.4g} vs {neighbour_gap(plain):.4g} without")
+
+
+def check_fatezero_edit(prompt):
+    injector = provider(prompt, sampler_id(prompt), "VE_INJECTION")
+    edited = latents(prompt)
+    plain = latents(unlinked(prompt, "VE_INJECTION"))
+    differs("fatezero: injection disconnected", edited, plain, 0.25)  # measured 2.65
+    # attention fusion only inside its windows: both windows 0 is the graph without the injection (measured 0.0)
+    closed = latents(with_inputs(prompt, injector, self_replace=0.0, cross_replace=0.0))
+    assert (closed - plain).abs().max() <= 1e-5, f"fatezero with empty windows moved {mad(closed, plain):.3g}"
+
+
+def check_long_clip_edit(prompt):
+    sampler = sampler_id(prompt)
+    streamed = latents(prompt)
+    # the same graph on an IMAGE batch: the loader that returns frames instead of latents
+    loader = provider(prompt, sampler, "LATENT")
+    image_loaders = [name for name, cls in NODE_CLASS_MAPPINGS.items()
+                     if cls.RETURN_TYPES[:1] == ("IMAGE",) and "frame_cap" in cls.INPUT_TYPES()["required"]]
+    assert len(image_loaders) == 1, image_loaders
+    in_memory = copied(prompt)
+    accepted = NODE_CLASS_MAPPINGS[image_loaders[0]].INPUT_TYPES()
+    names = set(accepted["required"]) | set(accepted.get("optional") or {})
+    in_memory[loader] = {"class_type": image_loaders[0],
+                         "inputs": {k: v for k, v in prompt[loader]["inputs"].items() if k in names}}
+    del in_memory[sampler]["inputs"]["latent"]
+    in_memory[sampler]["inputs"]["images"] = [loader, 0]
+    from_images = latents(in_memory)
+    assert torch.equal(streamed, from_images), f"streamed vs in-memory: {mad(streamed, from_images):.3g}"
+    # cross-frame attention across the streamed clip (measured 0.13, frame 0 ~1e-5)
+    plain = latents(with_inputs(prompt, sampler, attention="none"))
+    differs("long clip: attention -> none", streamed, plain, 1e-2)
+    first_frame_alone("long clip: attention -> none", streamed, plain, 1e-2)
+
+
+MECHANISMS = {
+    "controlvideo_edit": check_controlvideo_edit,
+    "fatezero_edit": check_fatezero_edit,
+    "long_clip_edit": check_long_clip_edit,
+    "lora_sdedit": check_lora_sdedit,
+    "pix2video_edit": check_pix2video_edit,
+    "rerender_edit": check_rerender_edit,
+    "sdedit_crossframe": check_sdedit_crossframe,
+    "text2video_zero_edit": check_text2video_zero_edit,
+    "tokenflow_edit": check_tokenflow_edit,
+}
+
+
+def test_every_workflow_has_a_mechanism_test():
+    shipped = {p.stem for p in WORKFLOWS}
+    missing, stale = sorted(shipped - set(MECHANISMS)), sorted(set(MECHANISMS) - shipped)
+    assert not missing, f"workflows without a mechanism test (add to MECHANISMS in {Path(__file__).name}): {missing}"
+    assert not stale, f"mechanism tests for workflows that are not shipped any more: {stale}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_mechanism_has_a_measured_effect(path):
+    check = MECHANISMS.get(path.stem)
+    if check is None:
+        pytest.fail(f"workflows/{path.name} has no mechanism test: add one to MECHANISMS in {Path(__file__).name}")
+    check(quick(workflow_prompt(path)))
