@@ -387,14 +387,17 @@ def compare_with_headless(python: str, workflow: Path, row: Row, work: Path, set
 
 
 def load_converter():
-    """The pack's UI->API converter, imported from its file (it needs nothing but the standard library)."""
+    """The pack's UI->API converter, from its files: the `headless` package needs nothing but the standard
+    library, so it is loaded on its own, under a private name (the pack itself needs torch)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_ve_convert", PACK_DIR / "headless" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    folder = PACK_DIR / "headless"
+    spec = importlib.util.spec_from_file_location("_ve_headless", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package  # its modules' relative imports and dataclasses look it up there
+    spec.loader.exec_module(package)
+    return importlib.import_module("_ve_headless.convert")
 
 
 def check_import(server: Server, object_info: dict, workflows: list[Path]) -> Row:
