@@ -82,8 +82,14 @@ class AttnEdit:
         skips the whole step unless some edit overrides `tokens`.
     qkv(call, q, k, v) -> (q, k, v): the projections' results after the cross-frame gather (and norm_q/norm_k),
         shaped (batch, heads, tokens, dim); an edit may replace any of them (PnP's source q/k, extended k/v).
-    probs(call, p) -> p: the attention probabilities (batch, heads, queries, keys); overriding it makes the
-        processor take the explicit softmax path instead of the fused kernel.
+    probs(call, p) -> p: the attention probabilities (batch, heads, queries, keys); the processor takes the
+        explicit softmax path instead of the fused kernel for a call only where some edit's `wants_probs(call)`
+        is true (by default, for every call of an edit that overrides `probs`).
+    wants_probs(call) -> bool: whether `probs` reads or changes this call's probabilities. Answer False only
+        where `probs` would return p unchanged and do nothing else: that call then runs the fused kernel,
+        whose float rounding differs from the explicit path's (about 1e-6 a call, enough to change a
+        workflow's output bits). When another edit wants the
+        probabilities, `probs` is still called on every edit.
     out(call, h) -> h: the attention output before the output projection, (batch, tokens, channels).
     """
 
@@ -100,8 +106,12 @@ class AttnEdit:
     def out(self, call: AttnCall, h):
         return h
 
+    def wants_probs(self, call: AttnCall) -> bool:
+        return self.needs_probs
+
     @property
     def needs_probs(self) -> bool:
+        """Whether the class overrides `probs` at all (the default answer of `wants_probs`)."""
         return type(self).probs is not AttnEdit.probs
 
     @property
@@ -224,7 +234,7 @@ class VideoAttnProcessor:
             key = attn.norm_k(key)
         for edit in self.edits:
             query, key, value = edit.qkv(call, query, key, value)
-        if any(edit.needs_probs for edit in self.edits):
+        if any(edit.wants_probs(call) for edit in self.edits):
             probs = attention_probs(query, key, attn.scale, attention_mask)
             for edit in self.edits:
                 probs = edit.probs(call, probs)
