@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from skimage import data
 
-from comfyui_video_edit.pipelines_core.video_io import encode_video, load_video
+from comfyui_video_edit.pipelines_core.video.decode import load_video
+from comfyui_video_edit.pipelines_core.video.encode import encode_video
 
 HERE = Path(__file__).resolve().parent
 WIDTH, HEIGHT = 256, 192

@@ -9,7 +9,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from comfyui_video_edit.pipelines_core.models import load_model
+from comfyui_video_edit.pipelines_core.models.model import load_model
 
 RANK, ALPHA, SEED = 4, 4.0, 7
 

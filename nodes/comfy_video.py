@@ -7,7 +7,7 @@ PNG sequence is a folder, animated WebP has no FFmpeg decoder). Headless (no Com
 works without ComfyUI too.
 
 In (Load Video): a VIDEO from anywhere (core Load Video / Create Video, our Video Encode, another pack) becomes a
-source `pipelines_core.video_io.load_video` reads: its stream source (a path or a BytesIO, decoded frame by
+source `pipelines_core.video.decode.load_video` reads: its stream source (a path or a BytesIO, decoded frame by
 frame, never whole) or, for a clip that only exists as tensors, its components.
 
 comfy_api is imported only inside ComfyUI (or when ComfyUI handed us one of its objects, so it is loaded

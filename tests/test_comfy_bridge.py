@@ -123,7 +123,7 @@ if {real!r}:  # ComfyUI's model manager takes our model, frees it, and it still 
     report["managed"] = any(m.model is patcher for m in mm.current_loaded_models)
     mm.unload_all_models()
     report["released"] = not any(m.model is patcher for m in mm.current_loaded_models)
-    models = sys.modules[name + ".pipelines_core.models"]
+    models = sys.modules[name + ".pipelines_core.models.model"]
     report["usable"] = models.encode_prompt(managed, "a cat").shape[0] == 1
 print("REPORT " + json.dumps(report))
 """

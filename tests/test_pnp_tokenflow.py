@@ -284,7 +284,7 @@ def test_extended_attention_is_joint_for_edits_and_per_frame_for_the_source():
     assert (extended[4:] - joint[4:]).abs().max() <= 1e-6
     assert (joint[:4] - per_frame[:4]).abs().max() > 1e-3  # the two references differ
     ordinary = run(VideoAttnProcessor(own_frame, "attn1", [ExtendedAttention()]), FrameLayout(4, (0, 1, 2, 3), roles))
-    assert torch.equal(ordinary, per_frame)  # only the keyframe calls the patch makes are extended
+    assert torch.equal(ordinary, per_frame)  # only the keyframe calls (TokenFlow's token edit) are extended
 
 
 @pytest.mark.parametrize("blend", ["linear", "sigmoid"])
