@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
-from ..pipelines_core.methods.fatezero import FateZeroParams, fatezero_injection
+from ..pipelines_core.methods.fatezero import FateZeroParams, comma_numbers, comma_words, fatezero_injection
 from .methods import FRACTION, INVERSION, InjectorNode, MethodNode, Paper
-
-
-def words(text: str) -> tuple:
-    return tuple(w.strip() for w in text.split(",") if w.strip())
-
-
-def numbers(text: str) -> tuple:
-    try:
-        return tuple(float(v) for v in words(text))
-    except ValueError:
-        raise ValueError("Attention Injector (FateZero): equalizer_values must be numbers separated by commas "
-                         f"(got {text!r})") from None
 
 
 class VE_InjectFateZero(InjectorNode):
@@ -56,11 +44,11 @@ class VE_InjectFateZero(InjectorNode):
 
     def build(self, inversion, fatezero_source, self_replace, cross_replace, p2p_mode, blend_words,
               target_blend_words, blend_threshold, equalizer_words, equalizer_values):
-        params = FateZeroParams(
-            cross_replace=cross_replace, self_replace=self_replace, mode=p2p_mode, blend_words=words(blend_words),
-            target_blend_words=words(target_blend_words), blend_th=blend_threshold,
-            equalizer_words=words(equalizer_words), equalizer_values=numbers(equalizer_values),
-            latent_blend=(0.2, 0.8) if blend_words.strip() else None, source=fatezero_source,
+        params = FateZeroParams(  # the latent blend (0.2-0.8) acts only with blend words, as FateZero's does
+            cross_replace=cross_replace, self_replace=self_replace, mode=p2p_mode, blend_words=comma_words(blend_words),
+            target_blend_words=comma_words(target_blend_words), blend_th=blend_threshold,
+            equalizer_words=comma_words(equalizer_words), equalizer_values=comma_numbers(equalizer_values),
+            source=fatezero_source,
         )
         return (fatezero_injection(inversion, params),)
 

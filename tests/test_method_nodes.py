@@ -27,8 +27,8 @@ OWN_WIDGETS = {
     "TokenFlow": ["pnp_f_t", "pnp_attn_t", "keyframe_every", "keyframe_weights"],
     "Pix2Video": ["guidance_weight", "guidance_until"],
 }
-# What each node gives with its defaults: the engine's defaults, the papers' (FateZero: no blend words, no blend).
-DEFAULT_PARAMS = {"FateZero": FateZeroParams(latent_blend=None), "Plug-and-Play": PnPParams(),
+# What each node gives with its defaults: exactly the engine's defaults, the papers'.
+DEFAULT_PARAMS = {"FateZero": FateZeroParams(), "Plug-and-Play": PnPParams(),
                   "TokenFlow": TokenFlowParams(), "Pix2Video": Pix2VideoParams()}
 
 

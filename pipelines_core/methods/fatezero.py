@@ -111,6 +111,18 @@ class FateZeroParams:
                 raise ValueError(f"FateZero {name} must be a tuple of words, e.g. ('car',)")
 
 
+def comma_words(text: str) -> tuple:
+    """Words written comma-separated, as a node's text field holds them: "car, red car" -> ("car", "red car")."""
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def comma_numbers(text: str, name: str = "equalizer_values") -> tuple:
+    try:
+        return tuple(float(v) for v in comma_words(text))
+    except ValueError:
+        raise ValueError(f"FateZero {name} must be numbers separated by commas (got {text!r})") from None
+
+
 def fatezero_injection(inversion, params: FateZeroParams = FateZeroParams(),
                        source_prompt: Optional[str] = None) -> Injection:
     """VE_INJECTION for FateZero, reading `inversion`: its latents ("live"), or the self_probs and
