@@ -561,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.canvas and args.quick:
         parser.error("--canvas runs the workflows as saved; leave out --quick")
+    # A `timeout` or a kill sends SIGTERM, which would end Python without running the cleanup: the server would
+    # go on running and the link would stay in custom_nodes/. As SystemExit it unwinds through every `finally`.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rows = asyncio.run(check(args))
     print(f"\n{comfyui_commit(args.comfyui)}, pack at {PACK_DIR.name}")
     print("| check | status | s | progress events | output | ui preview | same as headless | message |")
