@@ -47,6 +47,7 @@ def test_hooks_see_the_runs_scheduler_at_the_steps_position(tiny_model, clip_fra
 
     def look(state):
         seen.append((state.index, state.position, state.scheduler, int(state.timestep)))
+        assert state.t == int(state.timestep)  # read once per run, handed to every step as a Python int
         return state.x0
 
     s = settings(steps=5, strength=0.6, scheduler="euler")

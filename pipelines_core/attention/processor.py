@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .rules import Rule, own_frame
+from .rules import Rule, own_frame, placed_index
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ class VideoAttnProcessor:
         value = attn.to_v(context)
 
         if is_self and layout is not None and self.rule is not own_frame:
-            index = self.rule(layout.frames)
+            index = placed_index(self.rule, layout.frames, key.device)
             key = select_kv(key, index, layout.frames)
             value = select_kv(value, index, layout.frames)
             attention_mask = None  # a token mask does not survive frame gathering; SD self-attention has none

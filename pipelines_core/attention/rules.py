@@ -10,6 +10,7 @@ chunk planner puts exactly those frames into every later chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -60,6 +61,13 @@ all_frames = Rule("all", _all, needs_anchor=True)
 
 RULES: dict[str, Rule] = {rule.name: rule for rule in (own_frame, first_frame, previous_frame, first_and_previous,
                                                          all_frames)}
+
+
+@lru_cache(maxsize=256)
+def placed_index(rule: Rule, frames: int, device: torch.device) -> torch.Tensor:
+    """`rule(frames)` on `device`, made once: every attention call of a run asks for the same few tables, and
+    building and copying one per call would cost a host-to-device copy each time."""
+    return rule(frames).to(device)
 
 
 def get_rule(name) -> Rule:

@@ -20,7 +20,7 @@ class SourceBranch:
     latents: dict  # timestep -> (F, 4, h, w)
     embeds: torch.Tensor  # (1, 77, D)
 
-    def at(self, t: torch.Tensor, frame_ids: tuple, like: torch.Tensor) -> torch.Tensor:
+    def at(self, t: int, frame_ids: tuple, like: torch.Tensor) -> torch.Tensor:
         key = int(t)
         if key not in self.latents:
             raise ValueError(f"the inversion has no latent at timestep {key}: sample with DDIM Invert's steps")
@@ -64,10 +64,10 @@ class VideoDenoiser:
         n = x.shape[0]
         inputs, contexts, roles = [x], [self.cond], ["cond"]
         if self.cfg != 1.0:
-            uncond = self.uncond[int(state.timestep)] if isinstance(self.uncond, dict) else self.uncond
+            uncond = self.uncond[state.timestep_value] if isinstance(self.uncond, dict) else self.uncond
             inputs, contexts, roles = [x] + inputs, [uncond] + contexts, ["uncond"] + roles
         if self.source is not None:
-            inputs = [self.source.at(state.timestep, frame_ids, x)] + inputs
+            inputs = [self.source.at(state.timestep_value, frame_ids, x)] + inputs
             contexts, roles = [self.source.embeds] + contexts, ["source"] + roles
         context = torch.cat([c.to(x.device, x.dtype).expand(n, -1, -1) for c in contexts])
         out = self._unet(torch.cat(inputs), context, frame_ids, tuple(roles), state).chunk(len(roles))
@@ -77,7 +77,7 @@ class VideoDenoiser:
         return uncond_eps + self.cfg * (cond_eps - uncond_eps)
 
     def _unet(self, x: torch.Tensor, context: torch.Tensor, frame_ids: tuple, roles: tuple, state: StepState):
-        layout = FrameLayout(len(frame_ids), tuple(frame_ids), roles, int(state.timestep), state.index)
+        layout = FrameLayout(len(frame_ids), tuple(frame_ids), roles, state.timestep_value, state.index)
         extra = self.control.unet_kwargs(x, context, layout, state) if self.control is not None else {}
         return self.unet(
             x, state.timestep, encoder_hidden_states=context, cross_attention_kwargs={"layout": layout}, **extra

@@ -28,6 +28,12 @@ class StepState:
     x0: Optional[torch.Tensor] = None
     scheduler: Any = None  # the run's diffusers scheduler, timesteps set (None outside a sampling loop)
     position: Optional[int] = None  # index of this step in the scheduler's timestep/sigma tables
+    t: Optional[int] = None  # the timestep as a Python int, read once per run: no step waits on the device to learn it
+
+    @property
+    def timestep_value(self) -> int:
+        """The timestep as a Python int (`t`; a StepState made by hand without it reads the tensor)."""
+        return self.t if self.t is not None else int(self.timestep)
 
 
 Hook = Callable[[StepState], torch.Tensor]

@@ -41,9 +41,10 @@ def denoise_loop(
     total = len(timesteps)
     if first_position is None:
         first_position = getattr(scheduler, "begin_index", None) or 0
+    values = [int(v) for v in timesteps.tolist()]  # one read of the device's timesteps, not one per UNet call
     for i, t in enumerate(timesteps):
         position = first_position + i  # where Euler's sigma table stands at this step
-        state = StepState(i, t, total, latents, scheduler=scheduler, position=position)
+        state = StepState(i, t, total, latents, scheduler=scheduler, position=position, t=values[i])
         latents = fold(hooks.before_model, state, "latents")
         eps = denoise(scheduler.scale_model_input(latents, t), replace(state, latents=latents))
         if hooks.on_x0:

@@ -27,7 +27,7 @@ from .loop import denoise_loop
 from .masking import edit_mask, masked_blend_hook
 from ..progress import Progress
 from .settings import ATTENTION_LAYERS, SamplerSettings
-from .starts import InversionStart, LatentStart, Start, StartContext, frame_generators, start_from
+from .starts import InversionStart, Start, StartContext, frame_generators, start_from
 
 def free_bytes(device: torch.device) -> Optional[int]:
     """Memory free for new tensors on `device`: CUDA's own figure, MemAvailable on a Linux CPU; None where
@@ -103,7 +103,7 @@ def sample_video(
     settings.check(frame_count, from_images=start.has_source)
     if injection is not None:
         injection.check_run(settings, frame_count)
-    noise_mask = start.noise_mask if isinstance(start, LatentStart) else None
+    noise_mask = start.noise_mask
     if (mask is not None or noise_mask is not None) and not start.has_source:
         raise ValueError("a mask keeps part of a source, but the sampler is generating from noise: connect images, "
                          "a latent or an inversion, or disconnect the mask")
@@ -125,7 +125,7 @@ def sample_video(
     # 4. Plan the injection; the denoiser with its chunks, ControlNet and live source branch
     plan = InjectionPlan()
     if injection is not None:
-        plan = injection.plan(PlanContext(model, frame_count, len(timesteps), tuple(int(t) for t in timesteps),
+        plan = injection.plan(PlanContext(model, frame_count, len(timesteps), tuple(int(t) for t in timesteps.tolist()),
                                           settings.cfg, settings.seed, settings.prompt, settings.attention,
                                           settings.attention_layers, settings.chunk_size))
     source = SourceBranch(injection.inversion.latents, injection.inversion.prompt_embeds) if plan.source_branch else None

@@ -52,9 +52,11 @@ class StartContext:
 
 
 class Start:
-    """Base for starts. `has_source`: a clip exists to keep under a mask and to re-noise by strength."""
+    """Base for starts. `has_source`: a clip exists to keep under a mask and to re-noise by strength;
+    `noise_mask`: a mask the start brings itself (a ComfyUI LATENT's), limiting the edit like a MASK."""
 
     has_source = False
+    noise_mask: Optional[torch.Tensor] = None
 
     def extent(self) -> tuple:
         """(frame count, (height, width)) of what will be sampled."""
