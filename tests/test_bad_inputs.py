@@ -396,13 +396,15 @@ def test_ctrl_c_prints_one_line_and_exits_130_promptly(tmp_path):
     """SIGINT while Video Encode writes: one line, exit 130 at once, and no file under the output's name."""
     graph = load_encode_graph(frame_cap=0, prefix="t/clip")
     # 480 frames (the 24 source frames repeated by target_fps) through VP9, whose encoder takes seconds: the
-    # signal lands midway through the file, with no model to build first.
-    graph["1"]["inputs"].update(target_fps=240.0, width=128)
+    # signal lands midway through the file, with no model to build first. Unbuffered, so the progress bar's
+    # first line (written with "\r", no newline) reaches us when it is written, not when the run ends.
+    graph["1"]["inputs"].update(target_fps=240.0, width=256)
     graph["2"]["inputs"]["format"] = "webm"
     out = tmp_path / "out"
     command = [sys.executable, "-c", "import sys; from comfyui_video_edit.headless.cli import main; sys.exit(main())",
                "run", write(tmp_path, graph), "--output-dir", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     os.set_blocking(process.stderr.fileno(), False)
     err, deadline = b"", time.monotonic() + 120
     while b"Video Encode:" not in err:  # the encoder has started writing
