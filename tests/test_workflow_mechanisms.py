@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from comfyui_video_edit.headless import execute, object_info, ui_to_api
+from comfyui_video_edit.headless.links import is_link
 from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
@@ -35,10 +36,6 @@ def copied(prompt: dict) -> dict:
 
 def node_class(prompt: dict, node_id: str):
     return NODE_CLASS_MAPPINGS[prompt[node_id]["class_type"]]
-
-
-def is_link(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
 
 
 def link_type(prompt: dict, link: list) -> str:

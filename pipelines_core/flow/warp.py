@@ -14,7 +14,7 @@ The convention (every module of the pack uses it):
   ``warp(frame[i+1], fwd[i]) ≈ frame[i]``.
 - Images are ``(N, C, H, W)`` here; ComfyUI IMAGE ``(F, H, W, 3)`` is converted at the edges.
 
-Estimators (OpenCV DIS / Farneback, RAFT from a user file) live in ``flow_estimate``.
+Estimators (OpenCV DIS / Farneback, RAFT from a user file) live in ``flow.estimate``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 At two consecutive steps the clean estimate x̂0 is decoded, every other frame is replaced by an
 interpolation of its two neighbours (odd frames on the first step, even frames on the second), and
 the result is encoded back. ControlVideo then recomputes x_{t-1} with DDIM from the smoothed x̂0 and
-the model's eps; in this pack put `fusion.keep_model_eps_hook` after this hook to get that step
+the model's eps; in this pack add `rerender.keep_model_eps_hook()` (it runs last) to get that step
 (without it the loop re-derives eps from the new x̂0, a much smaller move).
 
 Where it departs from ControlVideo's code (pipeline_controlvideo.py, 4eac95f):

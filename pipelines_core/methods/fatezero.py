@@ -24,7 +24,7 @@ Sampling from x_T with the target prompt, on the conditional CFG half only (Fate
   blend mask M of the source prompt's blend words (FateZero's MaskBlend); no blend words -> M = 0;
 * cross-attention prompt-to-prompt, steps i < int(cross_replace * (N + 1)) (p2p's alpha table has
   N + 1 rows): new = alpha*fused(A_src) + (1 - alpha)*A_tgt, alpha = 1 inside the window, with
-  fused = Refine or Replace (p2p.py), times the equalizer when one is given;
+  fused = Refine or Replace (prompt_to_prompt.py), times the equalizer when one is given;
 * latent blend after the step (FateZero's LatentBlend, only with blend words), while
   int(start*N) < i + 1 < int(end*N): x <- x_src + M_union*(x - x_src), M_union the union of the source
   words' mask (stored: inverted maps at t; live: the source branch's maps of this step) and the target
@@ -382,7 +382,7 @@ class FateZeroRun:
                                      "invert with the sampler's steps and the same model")
 
     def _prepare_text(self, context: PlanContext) -> None:
-        """Token alignment (p2p.py) of the source prompt (the recorded maps') and the target prompt."""
+        """Token alignment (prompt_to_prompt.py) of the source prompt (the recorded maps') and the target prompt."""
         tokenizer, n, params = context.model.tokenizer, int(context.model.tokenizer.model_max_length), self.params
         source, target = params.source_prompt or self.inversion.prompt, context.target_prompt
         self.text_len = n

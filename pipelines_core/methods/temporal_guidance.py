@@ -53,8 +53,7 @@ class TemporalGuidance:
             raise ValueError("Temporal Guidance: warp fusion, pixel fusion and motion need a flow; connect Flow Warp")
 
     def check(self, frame_count: int, size: tuple) -> None:
-        if (self.x0_warp or self.pixel_fusion or self.motion) and self.flow is None:
-            raise ValueError("Temporal Guidance: warp fusion, pixel fusion and motion need a flow; connect Flow Warp")
+        """The flow against the clip being sampled (what the guidance needs was checked when it was made)."""
         if self.flow is not None and (self.flow.frame_count != frame_count or tuple(self.flow.size) != tuple(size)):
             raise ValueError(
                 f"Temporal Guidance: the flow is for {self.flow.frame_count} frames of {self.flow.size[1]}x"

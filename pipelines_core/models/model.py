@@ -5,7 +5,7 @@ Sources (all offline; nothing is ever downloaded):
   * "builtin:sd15-random"         - SD-1.5-sized with random weights, for benchmarks (tiny.py);
   * a diffusers folder            - a directory holding model_index.json and unet/ vae/ text_encoder/ tokenizer/;
   * a single-file checkpoint      - .safetensors/.ckpt in the original SD layout, converted with the
-                                    SD-1.5 component configs shipped in configs/sd15 (checkpoint.py);
+                                    SD-1.5 component configs shipped in configs/sd15 (single_file.py);
   * a state dict in that layout   - already in memory, e.g. the model a ComfyUI graph loaded and patched
                                     (`model_from_state_dict`; the same conversion as a file).
 """
@@ -243,7 +243,7 @@ def posterior_generators(seed: int) -> Iterator[torch.Generator]:
 @torch.no_grad()
 def encode_frame_stream(model: VEModel, frame_batches: Iterable[torch.Tensor],
                         generators: Optional[Iterable[torch.Generator]] = None, batch: int = 4) -> torch.Tensor:
-    """IMAGE batches of any sizes (e.g. `video_io.open_video(...).batches()`) -> UNSCALED latents (F, 4, h, w)
+    """IMAGE batches of any sizes (e.g. `video.decode.open_video(...).batches()`) -> UNSCALED latents (F, 4, h, w)
     on the CPU in fp32 (ComfyUI's LATENT convention), holding no more than `batch` frames of pixels beyond the
     batch the stream hands over.
 
