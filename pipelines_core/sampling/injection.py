@@ -9,7 +9,10 @@ objects live only for that run, so a cached VE_INJECTION is never altered). The 
   * `patches(unet)`         - a context manager installing module-level patches (feature injection)
                               and removing them afterwards;
   * `source_branch`         - whether the UNet batch carries a live source chunk ([source, uncond, cond]):
-                              the inverted latent at each step with the source prompt (Plug-and-Play).
+                              the inverted latent at each step with the source prompt (Plug-and-Play);
+  * `wrap_denoiser(d)`      - the denoiser the loop calls, given the run's `VideoDenoiser` (the identity by
+                              default): a method that changes how frames reach the UNet (RAVE's shuffled
+                              grids, Fairy's anchors computed once per step) wraps it.
 A method is a configuration of these, never a copy of the loop.
 """
 
@@ -24,6 +27,8 @@ from ..attention.rules import Rule
 from .hooks import Hooks
 
 if TYPE_CHECKING:
+    from .denoiser import VideoDenoiser
+    from .loop import Denoiser
     from ..models.model import VEModel
     from .inversion import Inversion
     from .settings import SamplerSettings
@@ -36,6 +41,7 @@ class InjectionPlan:
     hooks: Hooks = field(default_factory=Hooks)
     patches: Callable[[object], ContextManager] = lambda unet: nullcontext()
     source_branch: bool = False
+    wrap_denoiser: Callable[["VideoDenoiser"], "Denoiser"] = lambda denoiser: denoiser
 
 
 class MethodParams(Protocol):

@@ -148,7 +148,7 @@ def sample_video(
         keep = Hooks()
         if keep_mask is not None:
             keep = Hooks(after_step=[last(masked_blend_hook(keep_mask, begun.source_at))])  # nothing moves it after
-        return denoise_loop(denoiser, begun.latents, scheduler, settings.scheduler, begun.timesteps,
+        return denoise_loop(plan.wrap_denoiser(denoiser), begun.latents, scheduler, settings.scheduler, begun.timesteps,
                             hooks + plan.hooks + keep, progress, begun.first_position)
 
 
