@@ -203,7 +203,8 @@ def test_seamless_chunks_of_independent_frames_equal_one_chunk(tiny_model, rule)
     finally:
         handle.remove()
     windows = [c.frames for c in plan_chunks(7, 3, rule, 2)]
-    assert calls[:len(windows)] == windows and len(windows) == 5  # every step denoises the overlapping windows
+    denoised = sum(calls, ())  # the frames of every call in order (windows may share a call, side by side)
+    assert denoised[:len(sum(windows, ()))] == sum(windows, ()) and len(windows) == 5  # every step denoises the overlapping windows
     assert (seamless - edit_video(tiny_model, whole, frames)).abs().max() <= 1e-5
 
 

@@ -27,6 +27,9 @@ class FrameLayout:
     `frame_ids` are the clip's frame numbers in batch order; `roles` name the chunks
     (("uncond", "cond") with CFG, ("cond",) without, ("source", "uncond", "cond") with a live source
     branch); `timestep` and `step` say where in sampling this call is, so stores can key by timestep.
+    `groups` > 1: the `frames` of each role are that many sampler chunks of `group_frames` frames side by side
+    (chunks batched into one call; `frame_ids` lists them all), and cross-frame rules gather within a group only,
+    so the call computes what one call per chunk would.
     """
 
     frames: int
@@ -34,6 +37,16 @@ class FrameLayout:
     roles: tuple = ()
     timestep: Optional[int] = None
     step: Optional[int] = None
+    groups: int = 1
+
+    def __post_init__(self):
+        if self.groups < 1 or self.frames % self.groups:
+            raise ValueError(f"{self.frames} frames do not split into {self.groups} equal groups")
+
+    @property
+    def group_frames(self) -> int:
+        """The frames one cross-frame rule sees: one sampler chunk."""
+        return self.frames // self.groups
 
     def rows(self, role: str, batch: int) -> slice:
         """The batch rows of chunk `role` ("source", "uncond", "cond"), checked against the batch size."""
@@ -217,9 +230,9 @@ class VideoAttnProcessor:
         value = attn.to_v(context)
 
         if is_self and layout is not None and self.rule is not own_frame:
-            index = placed_index(self.rule, layout.frames, key.device)
-            key = select_kv(key, index, layout.frames)
-            value = select_kv(value, index, layout.frames)
+            index = placed_index(self.rule, layout.group_frames, key.device)
+            key = select_kv(key, index, layout.group_frames)
+            value = select_kv(value, index, layout.group_frames)
             attention_mask = None  # a token mask does not survive frame gathering; SD self-attention has none
 
         if attention_mask is not None:

@@ -75,3 +75,17 @@ def plan_chunks(frame_count: int, chunk_size: int, rule, chunk_overlap: int = 0)
         frames = tuple(context) + tuple(own)
         chunks.append(Chunk(frames, tuple(range(len(context), len(frames))), weights))
     return chunks
+
+
+def batched(chunks: Sequence[Chunk], batch: int) -> list[tuple]:
+    """The chunks as they go to the UNet: runs of up to `batch` consecutive chunks of equal frame count share
+    one call (a call's rows must split into equal groups for the cross-frame rule); order is kept."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1 chunk per call (got {batch})")
+    calls = []
+    for chunk in chunks:
+        if calls and len(calls[-1]) < batch and len(calls[-1][0].frames) == len(chunk.frames):
+            calls[-1].append(chunk)
+        else:
+            calls.append([chunk])
+    return [tuple(call) for call in calls]

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..attention.processor import FrameLayout
+from .chunks import batched
 from .hooks import StepState
 
 
@@ -34,7 +35,10 @@ class VideoDenoiser:
     The UNet batch of a chunk is laid out (chunk, frame) with chunks [uncond, cond] — [source, uncond,
     cond] with a live source branch — so the attention processors gather frames only within one chunk.
     With cfg == 1 the uncond chunk is skipped. `uncond` may be a dict timestep -> embedding
-    (null-text inversion's per-step unconditional embeddings).
+    (null-text inversion's per-step unconditional embeddings). `batch`: up to this many consecutive chunks of
+    equal frame count share one UNet call (`chunks.batched`), laid out (role, chunk, frame) with the layout's
+    `groups` telling the attention processors where each chunk's frames are; each chunk's rows compute what
+    its own call would, so `batch` changes speed and memory, not the result.
     """
 
     unet: torch.nn.Module
@@ -44,6 +48,7 @@ class VideoDenoiser:
     chunks: list
     control: Optional[object] = None  # a ControlStack: gives ControlNet residuals per UNet call
     source: Optional[SourceBranch] = None
+    batch: int = 1
 
     def __call__(self, latents: torch.Tensor, state: StepState) -> torch.Tensor:
         # Blending eps, not the stepped latents, is MultiDiffusion's average all the same (every scheduler here
@@ -53,14 +58,18 @@ class VideoDenoiser:
         # gets its prediction bit for bit, as before chunks overlapped.
         blended = torch.full(latents.shape, -0.0, dtype=torch.promote_types(latents.dtype, torch.float32),
                              device=latents.device)
-        for chunk in self.chunks:
-            eps_chunk = self._guided(latents[list(chunk.frames)], chunk.frames, state)
-            keep = list(chunk.keep)
-            weights = torch.tensor(chunk.weights or (1.0,) * len(keep), dtype=blended.dtype, device=latents.device)
-            blended[[chunk.frames[k] for k in keep]] += eps_chunk[keep].to(blended.dtype) * weights.view(-1, 1, 1, 1)
+        for call in batched(self.chunks, self.batch):
+            frame_ids = sum((chunk.frames for chunk in call), ())
+            eps_call = self._guided(latents[list(frame_ids)], frame_ids, state, groups=len(call))
+            for eps_chunk, chunk in zip(eps_call.chunk(len(call)), call):
+                keep = list(chunk.keep)
+                weights = torch.tensor(chunk.weights or (1.0,) * len(keep), dtype=blended.dtype,
+                                       device=latents.device)
+                blended[[chunk.frames[k] for k in keep]] += (eps_chunk[keep].to(blended.dtype)
+                                                             * weights.view(-1, 1, 1, 1))
         return blended.to(latents.dtype)
 
-    def _guided(self, x: torch.Tensor, frame_ids: tuple, state: StepState) -> torch.Tensor:
+    def _guided(self, x: torch.Tensor, frame_ids: tuple, state: StepState, groups: int = 1) -> torch.Tensor:
         n = x.shape[0]
         inputs, contexts, roles = [x], [self.cond], ["cond"]
         if self.cfg != 1.0:
@@ -70,14 +79,15 @@ class VideoDenoiser:
             inputs = [self.source.at(state.timestep_value, frame_ids, x)] + inputs
             contexts, roles = [self.source.embeds] + contexts, ["source"] + roles
         context = torch.cat([c.to(x.device, x.dtype).expand(n, -1, -1) for c in contexts])
-        out = self._unet(torch.cat(inputs), context, frame_ids, tuple(roles), state).chunk(len(roles))
+        out = self._unet(torch.cat(inputs), context, frame_ids, tuple(roles), state, groups).chunk(len(roles))
         if self.cfg == 1.0:
             return out[-1]
         uncond_eps, cond_eps = out[-2], out[-1]
         return uncond_eps + self.cfg * (cond_eps - uncond_eps)
 
-    def _unet(self, x: torch.Tensor, context: torch.Tensor, frame_ids: tuple, roles: tuple, state: StepState):
-        layout = FrameLayout(len(frame_ids), tuple(frame_ids), roles, state.timestep_value, state.index)
+    def _unet(self, x: torch.Tensor, context: torch.Tensor, frame_ids: tuple, roles: tuple, state: StepState,
+              groups: int = 1):
+        layout = FrameLayout(len(frame_ids), tuple(frame_ids), roles, state.timestep_value, state.index, groups)
         extra = self.control.unet_kwargs(x, context, layout, state) if self.control is not None else {}
         return self.unet(
             x, state.timestep, encoder_hidden_states=context, cross_attention_kwargs={"layout": layout}, **extra

@@ -8,7 +8,6 @@ in: a start (`starts.py`, or its own), hooks (`hooks.py`), attention rules and e
 
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 from typing import Optional
 
@@ -16,10 +15,11 @@ import torch
 
 from ..attention import VideoAttnProcessor, attention_processors, get_rule
 from ..attention.attach import is_self_attention
-from ..attention.processor import gathered_kv_bytes
+from ..attention.processor import FrameLayout, gathered_kv_bytes
 from ..attention.rules import own_frame
 from ..models.model import VEModel, encode_prompt
-from .chunks import plan_chunks
+from .budget import accounting_available, chunk_batch, free_bytes, unet_call_bytes
+from .chunks import Chunk, plan_chunks
 from .denoiser import SourceBranch, VideoDenoiser
 from .hooks import Hooks, last
 from .injection import Injection, InjectionPlan, PlanContext
@@ -28,19 +28,6 @@ from .masking import edit_mask, masked_blend_hook
 from ..progress import Progress
 from .settings import ATTENTION_LAYERS, SamplerSettings
 from .starts import InversionStart, Start, StartContext, frame_generators, start_from
-
-def free_bytes(device: torch.device) -> Optional[int]:
-    """Memory free for new tensors on `device`: CUDA's own figure, MemAvailable on a Linux CPU; None where
-    neither can be read (then nothing is refused)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    return None
-
 
 def check_attention_memory(model: VEModel, settings: SamplerSettings, frame_count: int, size: tuple,
                            available: Optional[int], copies: int) -> None:
@@ -129,12 +116,12 @@ def sample_video(
                                           settings.cfg, settings.seed, settings.prompt, settings.attention,
                                           settings.attention_layers, settings.chunk_size))
     source = SourceBranch(injection.inversion.latents, injection.inversion.prompt_embeds) if plan.source_branch else None
-    denoiser = VideoDenoiser(model.unet, cond, uncond, settings.cfg,
-                             plan_chunks(frame_count, settings.chunk_size, settings.attention, settings.chunk_overlap),
-                             control, source)
+    chunks = plan_chunks(frame_count, settings.chunk_size, settings.attention, settings.chunk_overlap)
+    unet_processor, controlnet_processor = processors(settings, plan)
+    batch = chunks_per_call(model, chunks, unet_processor, (settings.cfg != 1.0) + 1 + (source is not None), size)
+    denoiser = VideoDenoiser(model.unet, cond, uncond, settings.cfg, chunks, control, source, batch)
 
     # 5. Attach the attention processors (UNet, and ControlNets when asked), begin, and run the loop
-    unet_processor, controlnet_processor = processors(settings, plan)
     with torch.no_grad(), ExitStack() as stack:
         stack.enter_context(attention_processors(model.unet, unet_processor))
         for module in control.attention_modules() if control is not None else ():
@@ -150,6 +137,23 @@ def sample_video(
             keep = Hooks(after_step=[last(masked_blend_hook(keep_mask, begun.source_at))])  # nothing moves it after
         return denoise_loop(plan.wrap_denoiser(denoiser), begun.latents, scheduler, settings.scheduler, begun.timesteps,
                             hooks + plan.hooks + keep, progress, begun.first_position)
+
+
+def chunks_per_call(model: VEModel, chunks: list[Chunk], unet_processor, copies: int, size: tuple) -> int:
+    """How many chunks share one UNet call: 1 when there is one chunk, when an attention edit reads the call
+    (edits know one chunk per call: frame ids, recorded maps) or when the memory cannot be counted; else as
+    many as the free memory's budget and `budget.BATCH_FRAMES` hold at the largest chunk's counted activations
+    (`budget.py`)."""
+    if len(chunks) < 2 or not accounting_available():
+        return 1
+    installed = {name: unet_processor(name) for name in model.unet.attn_processors}
+    if any(processor.edits for processor in installed.values()):
+        return 1
+    frames = max(len(chunk.frames) for chunk in chunks)
+    roles = ("source", "uncond", "cond")[-copies:]
+    per_chunk = unet_call_bytes(model.unet, FrameLayout(frames, (), roles), (size[0] // 8, size[1] // 8),
+                                {name: processor.rule for name, processor in installed.items()})
+    return chunk_batch(per_chunk, len(chunks), free_bytes(model.device), frames)
 
 
 def resolve_start(start, images, latent, inversion, injection, frame_count, size, control) -> Start:
