@@ -284,6 +284,22 @@ def check_long_clip_edit(prompt):
     first_frame_alone("long clip: attention -> none", streamed, plain, 1e-2)
 
 
+def check_vidtome_edit(prompt):
+    sampler = sampler_id(prompt)
+    merger = provider(prompt, sampler, "VE_INJECTION")
+    inner = provider(prompt, merger, "VE_INJECTION")
+    edited = latents(prompt)
+    # VidToMe bypassed: the sampler reads the Plug-and-Play injection directly (measured 0.75, frames 0.21-1.04)
+    bypassed = copied(prompt)
+    bypassed[sampler]["inputs"]["injection"] = [inner, 0]
+    pnp_only = latents(bypassed)
+    differs("vidtome: merging bypassed (Plug-and-Play alone)", edited, pnp_only, 0.1)
+    # from an inversion the seed draws only VidToMe's chunks, destination frames and global sides: another seed
+    # moves the edit (measured 0.52, frames 0.35-0.97) and leaves Plug-and-Play alone exactly as it was
+    differs("vidtome: seed 42 -> 7", edited, latents(with_inputs(prompt, sampler, seed=7)), 0.1)
+    assert torch.equal(pnp_only, latents(with_inputs(bypassed, sampler, seed=7))), "PnP alone depends on the seed"
+
+
 MECHANISMS = {
     "controlvideo_edit": check_controlvideo_edit,
     "fatezero_edit": check_fatezero_edit,
@@ -294,6 +310,7 @@ MECHANISMS = {
     "sdedit_crossframe": check_sdedit_crossframe,
     "text2video_zero_edit": check_text2video_zero_edit,
     "tokenflow_edit": check_tokenflow_edit,
+    "vidtome_edit": check_vidtome_edit,
 }
 
 
