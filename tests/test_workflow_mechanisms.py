@@ -284,6 +284,31 @@ def check_long_clip_edit(prompt):
     first_frame_alone("long clip: attention -> none", streamed, plain, 1e-2)
 
 
+def check_fairy_anchor_edit(prompt):
+    sampler = sampler_id(prompt)
+    injector = provider(prompt, sampler, "VE_INJECTION")
+    edited = latents(prompt)
+    # anchor attention (the sampler's own rule is none): measured 0.12 overall, per frame 0.089-0.16 (the anchors
+    # move too: they attend to each other)
+    plain = latents(unlinked(prompt, "VE_INJECTION"))
+    differs("fairy: injection disconnected", edited, plain, 1e-2)
+    assert min(per_frame(edited, plain)) > 1e-2, f"fairy: per-frame effect {fmt(per_frame(edited, plain))}"
+    # given the anchors the other frames are independent: with 2 anchors (frames 0, 3) frames 1 and 2 in one
+    # chunk or in two give the same clip (measured max |diff| 0)
+    two = with_inputs(prompt, injector, anchors=2)
+    together, apart = latents(with_inputs(two, sampler, chunk_size=2)), latents(with_inputs(two, sampler, chunk_size=1))
+    gap = float((together - apart).abs().max())
+    print(f"\nfairy: 2 anchors, chunk_size 2 vs 1: max |diff| {gap:.3g}")
+    assert gap <= 1e-4, f"fairy: chunking moved the clip by {gap:.3g} (max abs)"
+    # every frame an anchor is the dense all-frames rule (methods.md F4; measured max |diff| 0)
+    frames = edited.shape[0]
+    every = latents(with_inputs(prompt, injector, anchors=frames))
+    dense = latents(with_inputs(unlinked(prompt, "VE_INJECTION"), sampler, attention="all", chunk_size=frames))
+    gap = float((every - dense).abs().max())
+    print(f"\nfairy: {frames} anchors vs attention all: max |diff| {gap:.3g}")
+    assert gap <= 1e-4, f"fairy: all frames as anchors differ from all-frames attention by {gap:.3g}"
+
+
 def check_flatten_edit(prompt):
     from comfyui_video_edit.pipelines_core.flow.warp import warp_error
 
@@ -322,6 +347,7 @@ def check_vidtome_edit(prompt):
 
 MECHANISMS = {
     "controlvideo_edit": check_controlvideo_edit,
+    "fairy_anchor_edit": check_fairy_anchor_edit,
     "fatezero_edit": check_fatezero_edit,
     "flatten_edit": check_flatten_edit,
     "long_clip_edit": check_long_clip_edit,
