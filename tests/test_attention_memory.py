@@ -52,6 +52,23 @@ def test_all_frames_attention_that_cannot_fit_is_refused_with_the_figure(tiny_mo
                            200, (512, 512), available=need // 20, copies=2)
 
 
+def test_a_method_setting_its_own_rule_is_counted_by_that_rule(tiny_model):
+    """FLATTEN's plan puts `all` on every self-attention layer whatever the sampler's rule: the check counts the
+    widest rule the run's processors use, so the sampler's `none` does not hide the gather."""
+    from comfyui_video_edit.pipelines_core.sampling.injection import InjectionPlan
+    from comfyui_video_edit.pipelines_core.sampling.sampler import processors, widest_rule
+
+    settings = SamplerSettings("a cat", attention="none", chunk_size=64)
+    plan = InjectionPlan(rule_for=lambda name: get_rule("all") if ".attn1." in name else None)
+    widest = widest_rule(tiny_model.unet, processors(settings, plan)[0])
+    assert widest is get_rule("all")
+    assert widest_rule(tiny_model.unet, processors(settings, InjectionPlan())[0]) is get_rule("none")
+    need = gathered_kv_bytes(widest, 64, 128, 64 * 64, tiny_model.unet.config.block_out_channels[0], 4)
+    check_attention_memory(tiny_model, settings, 200, (512, 512), available=need // 20, copies=2)  # the sampler's
+    with pytest.raises(ValueError, match="attention 'all' over 64-frame chunks"):
+        check_attention_memory(tiny_model, settings, 200, (512, 512), available=need - 1, copies=2, widest=widest)
+
+
 def test_free_memory_is_read_on_this_machine():
     free = free_bytes(torch.device("cpu"))
     assert free is None or free > 0

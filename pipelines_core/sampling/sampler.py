@@ -16,7 +16,7 @@ import torch
 from ..attention import VideoAttnProcessor, attention_processors, get_rule
 from ..attention.attach import is_self_attention
 from ..attention.processor import FrameLayout, gathered_kv_bytes
-from ..attention.rules import own_frame
+from ..attention.rules import Rule, own_frame
 from ..models.model import VEModel, encode_prompt
 from .budget import accounting_available, chunk_batch, free_bytes, unet_call_bytes
 from .chunks import Chunk, plan_chunks
@@ -30,15 +30,18 @@ from .settings import ATTENTION_LAYERS, SamplerSettings
 from .starts import InversionStart, Start, StartContext, frame_generators, start_from
 
 def check_attention_memory(model: VEModel, settings: SamplerSettings, frame_count: int, size: tuple,
-                           available: Optional[int], copies: int) -> None:
+                           available: Optional[int], copies: int, widest: Optional[Rule] = None) -> None:
     """Refuse, with the figure, a run whose cross-frame keys/values alone do not fit: the gather of the
     largest self-attention layer (the first level: most tokens) for one chunk. `all` attention grows with the
-    square of the chunk, so a long clip in one chunk is the case this catches before any step."""
+    square of the chunk, so a long clip in one chunk is the case this catches before any step. `widest`: the
+    rule reading the most frames among the run's processors, where a method sets its own (default: the
+    sampler's)."""
     if available is None:
         return
     chunk = min(settings.chunk_size, frame_count)
-    rule = get_rule(settings.attention)
-    context = int(rule.needs_anchor) + int(rule.needs_previous)
+    planned = get_rule(settings.attention)
+    rule = widest or planned
+    context = int(planned.needs_anchor) + int(planned.needs_previous)
     frames = min(chunk + context, frame_count)
     tokens = (size[0] // 8) * (size[1] // 8)
     channels = model.unet.config.block_out_channels[0]
@@ -46,7 +49,7 @@ def check_attention_memory(model: VEModel, settings: SamplerSettings, frame_coun
                              torch.tensor([], dtype=model.dtype).element_size())
     if need > available:
         raise ValueError(
-            f"attention {settings.attention!r} over {frames}-frame chunks at {size[1]}x{size[0]} gathers "
+            f"attention {rule.name!r} over {frames}-frame chunks at {size[1]}x{size[0]} gathers "
             f"{need / 2**30:.1f} GiB of keys/values in one layer, and {available / 2**30:.1f} GiB is free on "
             f"{model.device}: lower chunk_size (or the size), or use first+previous attention")
 
@@ -97,9 +100,6 @@ def sample_video(
     keep_mask = edit_mask(mask, noise_mask, frame_count, (size[0] // 8, size[1] // 8))
     if control is not None:
         control.check(frame_count, size)
-    check_attention_memory(model, settings, frame_count, size, free_bytes(model.device),
-                           copies=(2 if settings.cfg != 1.0 else 1) + (1 if injection is not None else 0))
-
     # 2. Encode the prompts
     cond = encode_prompt(model, settings.prompt)
     uncond = encode_prompt(model, settings.negative_prompt)
@@ -118,7 +118,10 @@ def sample_video(
     source = SourceBranch(injection.inversion.latents, injection.inversion.prompt_embeds) if plan.source_branch else None
     chunks = plan_chunks(frame_count, settings.chunk_size, settings.attention, settings.chunk_overlap)
     unet_processor, controlnet_processor = processors(settings, plan)
-    batch = chunks_per_call(model, chunks, unet_processor, (settings.cfg != 1.0) + 1 + (source is not None), size)
+    copies = (settings.cfg != 1.0) + 1 + (source is not None)
+    check_attention_memory(model, settings, frame_count, size, free_bytes(model.device), copies,
+                           widest_rule(model.unet, unet_processor))
+    batch = chunks_per_call(model, chunks, unet_processor, copies, size)
     denoiser = VideoDenoiser(model.unet, cond, uncond, settings.cfg, chunks, control, source, batch)
 
     # 5. Attach the attention processors (UNet, and ControlNets when asked), begin, and run the loop
@@ -137,6 +140,11 @@ def sample_video(
             keep = Hooks(after_step=[last(masked_blend_hook(keep_mask, begun.source_at))])  # nothing moves it after
         return denoise_loop(plan.wrap_denoiser(denoiser), begun.latents, scheduler, settings.scheduler, begun.timesteps,
                             hooks + plan.hooks + keep, progress, begun.first_position)
+
+
+def widest_rule(unet, unet_processor) -> Rule:
+    """The rule that reads the most frames among the processors `unet_processor` gives the UNet's layers."""
+    return max((unet_processor(name).rule for name in unet.attn_processors), key=lambda rule: rule(16).shape[1])
 
 
 def chunks_per_call(model: VEModel, chunks: list[Chunk], unet_processor, copies: int, size: tuple) -> int:
