@@ -212,6 +212,24 @@ def check_controlvideo_edit(prompt):
             5e-3)
 
 
+def check_rave_edit(prompt):
+    sampler = sampler_id(prompt)
+    injector = provider(prompt, sampler, "VE_INJECTION")
+    edited = latents(prompt)
+    # the shuffled grids: the same graph without RAVE (per-frame attention none, same inversion start) differs
+    # (measured 8.0, frames 7.8-9.0)
+    plain = latents(unlinked(prompt, "VE_INJECTION"))
+    differs("rave: injection disconnected", edited, plain, 0.5)
+    # 1x1 grids: each frame alone, so shuffling and unshuffling is exactly the plain sampler (measured 0.0)
+    single = latents(with_inputs(prompt, injector, grid_size=1))
+    assert (single - plain).abs().max() <= 1e-5, f"rave: 1x1 grids moved the edit by {mad(single, plain):.3g}"
+    # the shuffle: fixed grids of consecutive frames differ (measured 6.8), and from the same inversion the seed
+    # acts through the permutation only (measured 6.1 with RAVE, exactly 0 without)
+    differs("rave: shuffle off", edited, latents(with_inputs(prompt, injector, shuffle=False)), 0.5)
+    differs("rave: seed 42 -> 43", edited, latents(with_inputs(prompt, sampler, seed=43)), 0.5)
+    assert torch.equal(plain, latents(with_inputs(unlinked(prompt, "VE_INJECTION"), sampler, seed=43)))
+
+
 def check_rerender_edit(prompt):
     from comfyui_video_edit.pipelines_core.flow.warp import warp_error
 
@@ -353,6 +371,7 @@ MECHANISMS = {
     "long_clip_edit": check_long_clip_edit,
     "lora_sdedit": check_lora_sdedit,
     "pix2video_edit": check_pix2video_edit,
+    "rave_edit": check_rave_edit,
     "rerender_edit": check_rerender_edit,
     "sdedit_crossframe": check_sdedit_crossframe,
     "text2video_zero_edit": check_text2video_zero_edit,
