@@ -62,18 +62,22 @@ class VE_DDIMInvert:
                                             "tooltip": "The CFG the sampler will use (null-text only)."}),
                 "measure_psnr": ("BOOLEAN", {"default": False,
                                              "tooltip": "Sample back with the source prompt and report the PSNR."}),
-            }
+            },
+            "optional": {
+                "control": ("VE_CONTROL", {"tooltip": "ControlNet Condition(s) on these frames: they steer every "
+                                                      "inversion step (RAVE inverts so), whatever their start/end."}),
+            },
         }
 
     def invert(self, model, frames, source_prompt, steps, cfg, record, max_tokens, budget_gb, storage, attention,
-               chunk_size, null_text, null_text_cfg, measure_psnr):
+               chunk_size, null_text, null_text_cfg, measure_psnr, control=None):
         spec = RECORD_CHOICES[record]
         spec = RecordSpec(spec.self_probs, spec.cross_probs, spec.qk, spec.features, max_tokens, storage)
-        comfy_bridge.load_for_use(model)
+        comfy_bridge.load_for_use(model, control)
         inversion = invert_video(
             model, frames, prompt=source_prompt, steps=steps, cfg=null_text_cfg if null_text else cfg, record=spec,
             budget_bytes=int(budget_gb * 2**30), null_text=null_text, measure=measure_psnr, attention=attention,
-            chunk_size=chunk_size, progress=comfy_bridge.progress("DDIM Invert"),
+            chunk_size=chunk_size, progress=comfy_bridge.progress("DDIM Invert"), control=control,
         )
         psnr = float(inversion.reconstruction_psnr or 0.0)
         text = f"reconstruction PSNR {psnr:.2f} dB" if measure_psnr else repr(inversion)

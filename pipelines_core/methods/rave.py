@@ -22,8 +22,9 @@ ComfyUI port clamps to the last frame).
 
 Where we differ from the official pipeline (`pipelines/sd_controlnet_rave.py`):
   * SD-1.5-class models through our sampler; any scheduler the sampler offers (the paper: DDIM);
-  * ControlNet during inversion (`give_control_inversion`): our DDIM Invert takes no ControlNet, so the
-    inversion is plain per-frame DDIM (the official inversion is per frame too, only steered by ControlNet);
+  * ControlNet during inversion (`give_control_inversion`): connect the same ControlNet Condition to DDIM Invert
+    (rave_edit.json does), which then steers every inversion step; the official inversion runs frame by frame,
+    ours under DDIM Invert's own rule and chunks (per frame with its default `none`: the same);
   * the grids are batched by the sampler's chunk_size counted in frames (`chunk_size // n^2` grids per chunk,
     at least one; the denoiser may put several chunks in one UNet call as it does for frames) instead of a
     fixed batch of 4 grids (configs/truck.yaml `batch_size: 4`); with attention `none` this changes nothing

@@ -19,6 +19,7 @@ import math
 import shutil
 import uuid
 from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -121,6 +122,7 @@ class Inversion:
     store: Optional[AttentionStore] = None
     reconstruction_psnr: Optional[float] = None
     record: RecordSpec = field(default_factory=RecordSpec)
+    control: Optional[object] = None  # the ControlStack that steered every inversion step (RAVE), or None
 
     @property
     def x_T(self) -> torch.Tensor:
@@ -158,22 +160,34 @@ def invert_video(
     chunk_size: int = 8,
     scheduler: str = "ddim",
     progress: Optional[Progress] = None,
+    control=None,
 ) -> Inversion:
     """Invert a ComfyUI IMAGE batch (F, H, W, 3) with DDIM, per frame (rule "none") in chunks by default.
 
     With null_text the trajectory is inverted at CFG 1 and unconditional embeddings are optimised so
     that sampling at `cfg` follows it (`null_inner_steps` Adam steps at `null_lr` per timestep,
     Mokady's defaults). `budget_bytes` bounds a "cpu" recording; a "disk" one is
-    bounded by free space. Everything is checked before the first step.
+    bounded by free space. `control` (a ControlStack, hints for these frames) steers every inversion step, whatever
+    its units' start/end, as RAVE inverts (`give_control_inversion`); the inversion keeps it so its reconstruction
+    is steered alike. Everything is checked before the first step.
     """
     # 1. Check inputs
     check_invertible(scheduler)
     check_image_batch(frames, "images", multiple_of=8)
     _check_settings(steps, cfg, chunk_size, attention, record)
     frame_count, height, width = frames.shape[:3]
+    if control is not None and len(control):
+        control.check(frame_count, (height, width))
+        if null_text:
+            raise ValueError("DDIM Invert: null-text inversion does not take a ControlNet yet; disconnect control "
+                             "or turn null_text off")
+        control = type(control)(tuple(replace(unit, start=0.0, end=1.0) for unit in control.units))
+    else:
+        control = None
     chunks = plan_chunks(frame_count, chunk_size, attention)
     null_options = (null_inner_steps, null_lr) if null_text else None
-    key = _cache_key(model, frames, prompt, steps, cfg, record, null_options, attention, chunk_size)
+    key = _cache_key(model, frames, prompt, steps, cfg, record, null_options, attention, chunk_size) + (
+        _control_key(control),)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _measured(model, _CACHE[key], frames, key) if measure else _CACHE[key]
@@ -187,8 +201,8 @@ def invert_video(
     x0 = encode_frames(model, frames)
 
     # 3. Run the loop backwards, recording what was asked
-    denoiser = VideoDenoiser(model.unet, cond, uncond, 1.0 if null_text else cfg, chunks)
-    with torch.no_grad():
+    denoiser = VideoDenoiser(model.unet, cond, uncond, 1.0 if null_text else cfg, chunks, control)
+    with torch.no_grad(), _cross_frame_controlnets(control, attention):
         latents = _recorded_inversion(model, denoiser, x0, steps, attention, record, store, progress)
     timesteps = ddim_schedulers(model.scheduler_config, steps)[0].timesteps
 
@@ -199,7 +213,7 @@ def invert_video(
                                     null_inner_steps, null_lr, progress)
 
     inversion = Inversion(timesteps, latents, prompt, cond.detach().cpu(), steps, cfg, model.source, attention,
-                          chunk_size, null, store, None, record)
+                          chunk_size, null, store, None, record, control)
     _remember(key, inversion)
     return _measured(model, inversion, frames, key) if measure else inversion
 
@@ -258,6 +272,23 @@ def _recorded_inversion(model: VEModel, denoiser, x0, steps, attention, record, 
     hooks = Hooks(after_step=[flush]) if buffer is not None else Hooks()
     with attention_processors(model.unet, processor_for), feature_recording(model.unet, record.features, buffer):
         return ddim_invert(denoiser, x0, model.scheduler_config, steps, hooks, progress)
+
+
+@contextmanager
+def _cross_frame_controlnets(control, attention: str):
+    """The inversion's cross-frame rule inside the ControlNets that follow the sampler's (as sampling does)."""
+    with ExitStack() as stack:
+        for module in control.attention_modules() if control is not None else ():
+            stack.enter_context(attention_processors(module, lambda name: _rule_processor(attention, name)))
+        yield
+
+
+def _control_key(control) -> tuple:
+    """What about a ControlStack changes an inversion: each unit's weights, hints and settings."""
+    if control is None:
+        return ()
+    return tuple((weights_token(unit.controlnet), _content_hash(unit.hints), unit.strength, unit.guess_mode,
+                  unit.cross_frame_attention) for unit in control.units)
 
 
 def _rule_processor(attention: str, name: str, edits=()) -> VideoAttnProcessor:
@@ -341,7 +372,7 @@ def reconstruct(model: VEModel, inversion: Inversion, progress: Optional[Progres
     """Sample forward from x_T with the source prompt and the inversion's steps, cfg and rule."""
     chunks = plan_chunks(latent_at(inversion, 0).shape[0], inversion.chunk_size, inversion.attention)
     cond = inversion.prompt_embeds.to(model.device, model.dtype)
-    base = VideoDenoiser(model.unet, cond, encode_prompt(model, ""), inversion.cfg, chunks)
+    base = VideoDenoiser(model.unet, cond, encode_prompt(model, ""), inversion.cfg, chunks, inversion.control)
 
     def denoise(x: torch.Tensor, state: StepState) -> torch.Tensor:
         if inversion.null_embeds is None:
@@ -350,7 +381,8 @@ def reconstruct(model: VEModel, inversion: Inversion, progress: Optional[Progres
         return replace(base, uncond=null)(x, state)
 
     x_t = inversion.x_T.to(model.device, model.dtype)
-    with torch.no_grad(), _cross_frame(model.unet, inversion.attention):
+    with torch.no_grad(), _cross_frame(model.unet, inversion.attention), \
+            _cross_frame_controlnets(inversion.control, inversion.attention):
         return ddim_sample(denoise, x_t, model.scheduler_config, inversion.steps, progress=progress)
 
 
