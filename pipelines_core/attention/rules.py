@@ -66,8 +66,11 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (own_frame, first_frame, p
 @lru_cache(maxsize=256)
 def placed_index(rule: Rule, frames: int, device: torch.device) -> torch.Tensor:
     """`rule(frames)` on `device`, made once: every attention call of a run asks for the same few tables, and
-    building and copying one per call would cost a host-to-device copy each time."""
-    return rule(frames).to(device)
+    building and copying one per call would cost a host-to-device copy each time. Made outside inference mode:
+    the table outlives the call that made it, and an inference tensor cannot be saved for backward, as null-text
+    inversion's autograd under ComfyUI's inference_mode must do with it."""
+    with torch.inference_mode(False):
+        return rule(frames).to(device)
 
 
 def get_rule(name) -> Rule:
