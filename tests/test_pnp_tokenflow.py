@@ -277,7 +277,7 @@ def test_extended_attention_is_joint_for_edits_and_per_frame_for_the_source():
             return attn(x, layout=layout)
 
     extended = run(VideoAttnProcessor(own_frame, "attn1", [ExtendedAttention()]),
-                   KeyframeLayout(4, (0, 1, 2, 3), roles, 500, 0, (0, 1, 2, 3)))
+                   KeyframeLayout(4, (0, 1, 2, 3), roles, 500, 0, keyframes=(0, 1, 2, 3)))
     per_frame = run(VideoAttnProcessor(own_frame), FrameLayout(4, (0, 1, 2, 3), roles))
     joint = run(VideoAttnProcessor(all_frames), FrameLayout(4, (0, 1, 2, 3), roles))
     assert (extended[:4] - per_frame[:4]).abs().max() <= 1e-6

@@ -201,7 +201,7 @@ class KeyframeCall(AttnEdit):
             return hidden_states, call, None
         keyframes = self.run.keyframes_for(layout)
         pivot = KeyframeLayout(len(keyframes), tuple(layout.frame_ids[p] for p in keyframes), layout.roles,
-                               layout.timestep, layout.step, keyframes)
+                               layout.timestep, layout.step, keyframes=keyframes)
 
         def from_keyframes(keyframe_out: torch.Tensor) -> torch.Tensor:
             return propagate_from_keyframes(hidden_states, layout, keyframes, keyframe_out, self.run.params.blend)
