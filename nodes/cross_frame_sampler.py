@@ -7,6 +7,7 @@ from ..pipelines_core.attention import RULES
 from ..pipelines_core.models.model import decode_latents
 from ..pipelines_core.sampling.settings import ATTENTION_LAYERS, NOISE_MODES, SamplerSettings
 from ..pipelines_core.sampling.schedulers import SCHEDULERS
+from ..pipelines_core.methods.instruct_pix2pix import instruct_edit
 from ..pipelines_core.methods.temporal_guidance import guided_edit
 
 
@@ -14,7 +15,8 @@ class VE_CrossFrameSampler:
     DESCRIPTION = (
         "Edit (images or a latent connected: SDEdit with the given strength; or an inversion) or generate (nothing "
         "connected: from noise) a clip, holding frames together with cross-frame self-attention; a mask limits the "
-        "edit to a region. Outputs the frames and their latents."
+        "edit to a region. With an instruction model (InstructPix2Pix) the prompt is the instruction and the images "
+        "(or latent) condition every step. Outputs the frames and their latents."
     )
     CATEGORY = "video edit/sampling"
     RETURN_TYPES = ("IMAGE", "LATENT")
@@ -84,6 +86,11 @@ class VE_CrossFrameSampler:
                                                      "neighbouring frames are split between separately denoised "
                                                      "chunks (more overlap, more UNet calls). 0: chunks back to "
                                                      "back. Less than chunk_size; not with an injection."}),
+                # Appended after chunk_overlap for the same reason: saved workflows keep their widget order.
+                "image_guidance": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 30.0, "step": 0.1,
+                                             "tooltip": "Instruction models (InstructPix2Pix) only: how closely the "
+                                                        "edit keeps to the source frames (cfg is the instruction's "
+                                                        "guidance). Other models ignore it."}),
             },
             # To see whether anything reads the frames output: a long clip's pixels need not exist at all.
             "hidden": {"unique_id": "UNIQUE_ID", "graph": "PROMPT"},
@@ -91,8 +98,8 @@ class VE_CrossFrameSampler:
 
     def sample(self, model, prompt, negative_prompt, seed, steps, cfg, scheduler, strength, noise, attention,
                attention_layers, chunk_size, images=None, inversion=None, injection=None, control=None, temporal=None,
-               latent=None, mask=None, frame_count=8, width=512, height=512, chunk_overlap=0, unique_id=None,
-               graph=None):
+               latent=None, mask=None, frame_count=8, width=512, height=512, chunk_overlap=0, image_guidance=1.5,
+               unique_id=None, graph=None):
         settings = SamplerSettings(
             prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
             strength=strength, noise=noise, attention=attention, attention_layers=attention_layers,
@@ -102,8 +109,11 @@ class VE_CrossFrameSampler:
         connected = any(v is not None for v in (images, latent, inversion, injection, control))
         extent = {} if connected else {"frame_count": frame_count, "size": (height, width)}
         comfy_bridge.load_for_use(model, control)
-        latents = guided_edit(
-            model, settings, temporal, images=images, **extent,
+        # An instruction model reads the source frames beside the noisy latent: its own recipe, same inputs.
+        edit = instruct_edit if model.is_instruction else guided_edit
+        extra = {"image_guidance": image_guidance} if model.is_instruction else {}
+        latents = edit(
+            model, settings, temporal, images=images, **extent, **extra,
             progress=comfy_bridge.progress("Cross-Frame Sampler"), control=control, inversion=inversion,
             injection=injection, latent=latent, mask=mask,
         )

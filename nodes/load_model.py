@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from . import comfy_bridge
-from ..pipelines_core.models.model import BUILTIN_SD15_RANDOM, BUILTIN_TINY, DEVICES, DTYPES, load_model
+from ..pipelines_core.models.model import (BUILTIN_SD15_RANDOM, BUILTIN_TINY, BUILTIN_TINY_IP2P, DEVICES, DTYPES,
+                                            load_model)
+
+BUILTINS = (BUILTIN_TINY, BUILTIN_SD15_RANDOM, BUILTIN_TINY_IP2P)
+log = logging.getLogger(__name__)
 
 
 def model_choices() -> list[str]:
-    return [BUILTIN_TINY, BUILTIN_SD15_RANDOM] + comfy_bridge.model_files("checkpoints") + sorted(comfy_bridge.diffusers_folders())
+    return list(BUILTINS) + comfy_bridge.model_files("checkpoints") + sorted(comfy_bridge.diffusers_folders())
 
 
 def resolve_model(name: str) -> str:
-    if name in (BUILTIN_TINY, BUILTIN_SD15_RANDOM):
+    if name in BUILTINS:
         return name
     found = comfy_bridge.model_path("checkpoints", name) or comfy_bridge.diffusers_folders().get(name)
     if found:
@@ -29,7 +34,8 @@ def resolve_model(name: str) -> str:
 class VE_LoadModel:
     DESCRIPTION = (
         "Load a Stable Diffusion 1.5-class model for video editing: a checkpoint from ComfyUI's checkpoints "
-        "folder, a diffusers folder, a path, or builtin:tiny (random weights, for trying graphs; not a real edit)."
+        "folder, a diffusers folder, a path, or builtin:tiny (random weights, for trying graphs; not a real edit). "
+        "InstructPix2Pix models (8-channel UNet; builtin:tiny-ip2p for trying) are recognised and edit by instruction."
     )
     CATEGORY = "video edit/models"
     RETURN_TYPES = ("VE_MODEL",)
@@ -84,6 +90,7 @@ class VE_LoadModel:
             source, dtype=dtype, device=comfy_bridge.device_choice(device),
             tokenizer_dir=tokenizer or None, tokenizer_candidates=fallback,
         )
+        log.info("Load Model: %s is %s", checkpoint, model.kind)  # say which recipe the sampler will run
         if not keep_loaded:
             comfy_bridge.manage_memory([model.unet, model.vae, model.text_encoder], model.device)
         return (model,)

@@ -176,10 +176,12 @@ def test_overlap_with_an_injection_is_refused_before_any_step(tiny_model):
     assert calls == []
 
 
-def test_node_has_chunk_overlap_as_its_last_widget():
-    """Saved workflows store widget values by position: a new widget only ever goes last."""
-    optional = VE_CrossFrameSampler.INPUT_TYPES()["optional"]
-    name, (kind, options) = list(optional.items())[-1]
+def test_node_has_chunk_overlap_after_the_old_widgets():
+    """Saved workflows store widget values by position: a new widget only ever goes last (chunk_overlap came
+    after height; image_guidance, InstructPix2Pix's, came after it)."""
+    optional = list(VE_CrossFrameSampler.INPUT_TYPES()["optional"].items())
+    assert [n for n, _ in optional][-5:] == ["frame_count", "width", "height", "chunk_overlap", "image_guidance"]
+    name, (kind, options) = optional[-2]
     assert (name, kind, options["default"], options["min"]) == ("chunk_overlap", "INT", 0, 0)
     assert options["tooltip"]
 

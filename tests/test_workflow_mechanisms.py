@@ -279,6 +279,24 @@ def check_fatezero_edit(prompt):
     assert (closed - plain).abs().max() <= 1e-5, f"fatezero with empty windows moved {mad(closed, plain):.3g}"
 
 
+def check_instruct_pix2pix_edit(prompt):
+    sampler = sampler_id(prompt)
+    edited = latents(prompt)
+    # cross-frame attention (first, Text2Video-Zero's instruct-pix2pix video): measured 0.94 overall, frames 1-3
+    # 1.64/1.18/0.94, frame 0 exactly 0 (it attends to itself under both rules)
+    plain = latents(with_inputs(prompt, sampler, attention="none"))
+    differs("instruct-pix2pix: attention -> none", edited, plain, 0.1)
+    first_frame_alone("instruct-pix2pix: attention -> none", edited, plain, 0.1)
+    # InstructPix2Pix's second guidance scale, on the source frames: image_guidance 1.5 -> 4 (measured 2.47)
+    differs("instruct-pix2pix: image_guidance 1.5 -> 4", edited,
+            latents(with_inputs(prompt, sampler, image_guidance=4.0)), 0.5)
+    # the source frames condition every step (at strength 1 the start is the seed's noise alone): other frames of
+    # the clip, another edit (measured 3.53, frames 3.32-3.93)
+    loader = provider(prompt, sampler, "IMAGE")
+    differs("instruct-pix2pix: source frames 4-7 instead of 0-3", edited,
+            latents(with_inputs(prompt, loader, skip_first=4)), 0.5)
+
+
 def check_long_clip_edit(prompt):
     sampler = sampler_id(prompt)
     streamed = latents(prompt)
@@ -389,6 +407,7 @@ MECHANISMS = {
     "fairy_anchor_edit": check_fairy_anchor_edit,
     "fatezero_edit": check_fatezero_edit,
     "flatten_edit": check_flatten_edit,
+    "instruct_pix2pix_edit": check_instruct_pix2pix_edit,
     "long_clip_edit": check_long_clip_edit,
     "lora_sdedit": check_lora_sdedit,
     "pix2video_edit": check_pix2video_edit,

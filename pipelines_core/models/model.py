@@ -3,9 +3,11 @@
 Sources (all offline; nothing is ever downloaded):
   * "builtin:tiny"                - a small random SD-shaped model built in-process (tiny.py);
   * "builtin:sd15-random"         - SD-1.5-sized with random weights, for benchmarks (tiny.py);
+  * "builtin:tiny-ip2p"           - builtin:tiny with an 8-channel UNet: an InstructPix2Pix-shaped model (tiny.py);
   * a diffusers folder            - a directory holding model_index.json and unet/ vae/ text_encoder/ tokenizer/;
   * a single-file checkpoint      - .safetensors/.ckpt in the original SD layout, converted with the
                                     SD-1.5 component configs shipped in configs/sd15 (single_file.py);
+                                    an InstructPix2Pix file (8-channel conv_in) is recognised by its weights;
   * a state dict in that layout   - already in memory, e.g. the model a ComfyUI graph loaded and patched
                                     (`model_from_state_dict`; the same conversion as a file).
 """
@@ -23,6 +25,7 @@ from ..video.frames import check_image_batch
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_SD15_RANDOM = "builtin:sd15-random"  # SD-1.5-sized, random weights: for benchmarks only
+BUILTIN_TINY_IP2P = "builtin:tiny-ip2p"  # builtin:tiny with InstructPix2Pix's 8-channel UNet: for tests and demos
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -50,11 +53,30 @@ class VEModel:
     def vae_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent being denoised (the VAE's), whatever else the UNet reads."""
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def is_instruction(self) -> bool:
+        """An InstructPix2Pix UNet: it reads the noisy latent and the source frame's latent side by side on
+        channels (twice the VAE's), so sampling must give it the source (sampling.denoiser.ImageConditioning)."""
+        return int(self.unet.config.in_channels) == 2 * self.latent_channels
+
+    @property
+    def kind(self) -> str:
+        """What Load Model found, in words."""
+        if self.is_instruction:
+            return "an InstructPix2Pix instruction model (8-channel UNet: it edits source frames by instruction)"
+        return f"a text-to-image model ({self.unet.config.in_channels}-channel UNet)"
+
     def with_changes(self, **changes) -> "VEModel":
         return replace(self, **changes)
 
     def __repr__(self) -> str:  # ComfyUI str()s inputs into error reports: keep it short
-        extra = f", {len(self.loras)} LoRA" if self.loras else ""
+        extra = ", instruction" if self.is_instruction else ""
+        extra += f", {len(self.loras)} LoRA" if self.loras else ""
         return f"VEModel({self.source!r}, {str(self.dtype).removeprefix('torch.')}, {self.device}{extra})"
 
 
@@ -111,6 +133,10 @@ def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Option
         from .tiny import sd15_random_components
 
         return sd15_random_components()
+    if source == BUILTIN_TINY_IP2P:
+        from .tiny import tiny_ip2p_components
+
+        return tiny_ip2p_components()
     if is_diffusers_folder(source):
         return _load_diffusers_folder(source, torch_dtype)
     if os.path.isfile(source) and source.lower().endswith(CHECKPOINT_EXTENSIONS):
@@ -121,7 +147,8 @@ def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Option
     if os.path.isdir(source):
         raise FileNotFoundError(f"{source!r} is a folder without model_index.json: point at a diffusers model folder")
     raise FileNotFoundError(
-        f"model {source!r} not found: give 'builtin:tiny', a diffusers folder, or a .safetensors/.ckpt file"
+        f"model {source!r} not found: give 'builtin:tiny' (or 'builtin:tiny-ip2p'), a diffusers folder, or a "
+        ".safetensors/.ckpt file"
     )
 
 

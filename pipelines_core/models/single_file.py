@@ -10,7 +10,9 @@ Two ways in, one conversion (`components_from_state_dict`): a file is read into 
 (`load_single_file`); a state dict in the same layout can also come from elsewhere, e.g. what ComfyUI's
 checkpoint save writes for the model it holds (`model.diffusion_model.*`, `first_stage_model.*`,
 `cond_stage_model.transformer.text_model.*`). What the SD-1.5 configs cannot describe (other families,
-quantised weights) is refused in one line before any conversion.
+quantised weights) is refused in one line before any conversion. An InstructPix2Pix file is SD-1.5 with an
+8-channel conv_in (noisy latent + source latent): recognised by that weight's shape and loaded with the same
+configs, `in_channels` overridden.
 """
 
 from __future__ import annotations
@@ -245,10 +247,10 @@ def check_convertible(state: dict, unet_config: dict, vae_config: dict, label: s
             "only SD-1.5 checkpoints are supported."
         )
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.shape[1] != unet_config["in_channels"]:
+    if conv_in is not None and conv_in.shape[1] not in (unet_config["in_channels"], instruct_channels(vae_config)):
         raise ValueError(
             f"{label} takes {conv_in.shape[1]} latent channels, not {unet_config['in_channels']} "
-            "(an inpainting or instruct model?): only plain SD-1.5 text-to-image checkpoints are supported."
+            "(an inpainting model?): only SD-1.5 text-to-image and InstructPix2Pix checkpoints are supported."
         )
     moments = state.get(VAE_PREFIX + "encoder.conv_out.weight")  # mean and log-variance per latent channel
     if moments is not None and moments.shape[0] != 2 * vae_config["latent_channels"]:
@@ -256,6 +258,21 @@ def check_convertible(state: dict, unet_config: dict, vae_config: dict, label: s
             f"{label} has a VAE with {moments.shape[0] // 2} latent channels, not {vae_config['latent_channels']}: "
             "not an SD-1.5 VAE."
         )
+
+
+def instruct_channels(vae_config: dict) -> int:
+    """The UNet input channels of an InstructPix2Pix model: the noisy latent and the source latent side by side."""
+    return 2 * int(vae_config["latent_channels"])
+
+
+def unet_overrides(state: dict, unet_config: dict, vae_config: dict) -> dict:
+    """What the UNet config must change for this state dict: InstructPix2Pix's 8-channel conv_in is SD-1.5's UNet
+    otherwise, so an instruct file loads with the same configs (diffusers' converter maps the weights alike)."""
+    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    channels = instruct_channels(vae_config)
+    if conv_in is not None and conv_in.shape[1] == channels != unet_config["in_channels"]:
+        return {"in_channels": channels}
+    return {}
 
 
 def _incomplete(label: str, component: str, missing: Sequence[str] = ()) -> ValueError:
@@ -393,13 +410,15 @@ def components_from_state_dict(
     scheduler_config = _read_json(os.path.join(config_dir, "scheduler", "scheduler_config.json"))
 
     check_convertible(state, unet_config, vae_config, label)  # before copying gigabytes
+    overrides = unet_overrides(state, unet_config, vae_config)
     if copy_tensors:
         state = _owned_copy(state, torch_dtype)
     state = _normalise_clip_keys(state)
     common = {"config": config_dir, "local_files_only": True, "torch_dtype": torch_dtype}
     with hub_offline(), _quiet_dtype_cast():
         unet = _load_component(
-            "UNet", label, lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+            "UNet", label, lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **common,
+                                                                 **overrides)
         )
         vae = _load_component("VAE", label, lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **common))
         # The text encoder has no from_single_file; this is the converter diffusers' pipeline loader uses.

@@ -62,12 +62,12 @@ def write_tiny_tokenizer(folder: str) -> str:
     return folder
 
 
-def _tiny_unet():
+def _tiny_unet(in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -113,15 +113,16 @@ def _tiny_text_encoder(vocab_size: int, bos: int, eos: int):
     return CLIPTextModel(config)
 
 
-def build_tiny_components(tokenizer_folder: str, seed: int = TINY_SEED) -> dict:
-    """Fresh tiny components: unet, vae, text_encoder, tokenizer, scheduler_config (fp32, CPU, eval)."""
+def build_tiny_components(tokenizer_folder: str, seed: int = TINY_SEED, unet_in_channels: int = 4) -> dict:
+    """Fresh tiny components: unet, vae, text_encoder, tokenizer, scheduler_config (fp32, CPU, eval).
+    `unet_in_channels` 8: an InstructPix2Pix-shaped UNet (noisy latent + source-image latent on channels)."""
     from transformers import CLIPTokenizer
 
     write_tiny_tokenizer(tokenizer_folder)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = _tiny_unet()
+        unet = _tiny_unet(unet_in_channels)
         vae = _tiny_vae()
         text_encoder = _tiny_text_encoder(
             len(tokenizer), tokenizer.convert_tokens_to_ids(_BOS), tokenizer.convert_tokens_to_ids(_EOS)
@@ -149,12 +150,20 @@ def tiny_components() -> dict:
     return build_tiny_components(_tokenizer_home())
 
 
-def save_tiny_pipeline(folder: str) -> str:
-    """Save the tiny model as a diffusers folder (model_index.json + subfolders); used by tests and docs."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def tiny_ip2p_components() -> dict:
+    """The `builtin:tiny-ip2p` components: `builtin:tiny`'s construction with an 8-channel UNet, the layout of
+    InstructPix2Pix (random weights: it runs instruction graphs anywhere, meaning nothing)."""
+    return build_tiny_components(_tokenizer_home(), unet_in_channels=8)
 
-    c = tiny_components()
-    pipe = StableDiffusionPipeline(
+
+def save_tiny_pipeline(folder: str, instruct: bool = False) -> str:
+    """Save the tiny model as a diffusers folder (model_index.json + subfolders); used by tests and docs.
+    `instruct`: the tiny InstructPix2Pix model, saved as diffusers' StableDiffusionInstructPix2PixPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+
+    c = tiny_ip2p_components() if instruct else tiny_components()
+    pipeline_class = StableDiffusionInstructPix2PixPipeline if instruct else StableDiffusionPipeline
+    pipe = pipeline_class(
         unet=c["unet"],
         vae=c["vae"],
         text_encoder=c["text_encoder"],
@@ -181,6 +190,15 @@ def tiny_controlnet(unet, seed: int = TINY_SEED):
         for conv in zero_convs:
             torch.nn.init.normal_(conv.weight, std=0.05)
             torch.nn.init.normal_(conv.bias, std=0.01)
+    latent = 4
+    if controlnet.config.in_channels != latent:
+        # An instruction UNet's (8 channels): a ControlNet reads the noisy latent alone, as SD-1.5's ControlNets
+        # do beside InstructPix2Pix, so it keeps the conv_in weights of those channels.
+        wide = controlnet.conv_in
+        controlnet.conv_in = torch.nn.Conv2d(latent, wide.out_channels, wide.kernel_size, padding=wide.padding)
+        controlnet.conv_in.weight.data.copy_(wide.weight.data[:, :latent])
+        controlnet.conv_in.bias.data.copy_(wide.bias.data)
+        controlnet.register_to_config(in_channels=latent)
     return controlnet.eval().requires_grad_(False)
 
 

@@ -28,6 +28,28 @@ class SourceBranch:
         return self.latents[key][list(frame_ids)].to(like.device, like.dtype)
 
 
+@dataclass(frozen=True)
+class ImageConditioning:
+    """What an image-conditioned UNet reads beside the noisy latent, and how it is guided (InstructPix2Pix).
+
+    `latents` (F, C, h, w) are concatenated to each frame's noisy latent on channels, after the scheduler's input
+    scaling and after any ControlNet read the noisy latent (diffusers' InstructPix2Pix pipeline). With guidance
+    the UNet batch has three roles, in that pipeline's order: "cond" (prompt + image), "image" (negative
+    prompt + image) and "uncond" (negative prompt, zero image), and eps = uncond + cfg (cond - image) +
+    scale (image - uncond) (Brooks et al. 2023, eq. 3). Guidance is off, one "cond" role, where the pipeline
+    turns it off: cfg <= 1 or scale < 1.
+    """
+
+    latents: torch.Tensor
+    scale: float = 1.5  # image guidance: how closely the edit keeps to the source frames
+
+    def guided(self, cfg: float) -> bool:
+        return cfg > 1.0 and self.scale >= 1.0
+
+    def at(self, frame_ids: tuple, like: torch.Tensor) -> torch.Tensor:
+        return self.latents[list(frame_ids)].to(like.device, like.dtype)
+
+
 @dataclass
 class VideoDenoiser:
     """Classifier-free-guided noise prediction for all frames, chunk by chunk.
@@ -38,7 +60,8 @@ class VideoDenoiser:
     (null-text inversion's per-step unconditional embeddings). `batch`: up to this many consecutive chunks of
     equal frame count share one UNet call (`chunks.batched`), laid out (role, chunk, frame) with the layout's
     `groups` telling the attention processors where each chunk's frames are; each chunk's rows compute what
-    its own call would, so `batch` changes speed and memory, not the result.
+    its own call would, so `batch` changes speed and memory, not the result. `image`: an image-conditioned
+    UNet's per-frame extra channels and three-role guidance (`ImageConditioning`); not with a source branch.
     """
 
     unet: torch.nn.Module
@@ -49,6 +72,7 @@ class VideoDenoiser:
     control: Optional[object] = None  # a ControlStack: gives ControlNet residuals per UNet call
     source: Optional[SourceBranch] = None
     batch: int = 1
+    image: Optional[ImageConditioning] = None
 
     def __call__(self, latents: torch.Tensor, state: StepState) -> torch.Tensor:
         # Blending eps, not the stepped latents, is MultiDiffusion's average all the same (every scheduler here
@@ -69,11 +93,16 @@ class VideoDenoiser:
                                                              * weights.view(-1, 1, 1, 1))
         return blended.to(latents.dtype)
 
+    def _uncond(self, state: StepState) -> torch.Tensor:
+        return self.uncond[state.timestep_value] if isinstance(self.uncond, dict) else self.uncond
+
     def _guided(self, x: torch.Tensor, frame_ids: tuple, state: StepState, groups: int = 1) -> torch.Tensor:
+        if self.image is not None:
+            return self._image_guided(x, frame_ids, state, groups)
         n = x.shape[0]
         inputs, contexts, roles = [x], [self.cond], ["cond"]
         if self.cfg != 1.0:
-            uncond = self.uncond[state.timestep_value] if isinstance(self.uncond, dict) else self.uncond
+            uncond = self._uncond(state)
             inputs, contexts, roles = [x] + inputs, [uncond] + contexts, ["uncond"] + roles
         if self.source is not None:
             inputs = [self.source.at(state.timestep_value, frame_ids, x)] + inputs
@@ -85,10 +114,27 @@ class VideoDenoiser:
         uncond_eps, cond_eps = out[-2], out[-1]
         return uncond_eps + self.cfg * (cond_eps - uncond_eps)
 
+    def _image_guided(self, x: torch.Tensor, frame_ids: tuple, state: StepState, groups: int) -> torch.Tensor:
+        if self.source is not None:
+            raise ValueError("an image-conditioned (instruction) model takes no live source branch")
+        n = x.shape[0]
+        image = self.image.at(frame_ids, x)
+        if not self.image.guided(self.cfg):
+            context = self.cond.to(x.device, x.dtype).expand(n, -1, -1)
+            return self._unet(x, context, frame_ids, ("cond",), state, groups, channels=image)
+        uncond = self._uncond(state)
+        context = torch.cat([c.to(x.device, x.dtype).expand(n, -1, -1) for c in (self.cond, uncond, uncond)])
+        channels = torch.cat([image, image, torch.zeros_like(image)])
+        cond_eps, image_eps, uncond_eps = self._unet(torch.cat([x] * 3), context, frame_ids, ("cond", "image", "uncond"),
+                                                     state, groups, channels=channels).chunk(3)
+        return uncond_eps + self.cfg * (cond_eps - image_eps) + self.image.scale * (image_eps - uncond_eps)
+
     def _unet(self, x: torch.Tensor, context: torch.Tensor, frame_ids: tuple, roles: tuple, state: StepState,
-              groups: int = 1):
+              groups: int = 1, channels: Optional[torch.Tensor] = None):
         layout = FrameLayout(len(frame_ids), tuple(frame_ids), roles, state.timestep_value, state.index, groups)
         extra = self.control.unet_kwargs(x, context, layout, state) if self.control is not None else {}
+        if channels is not None:  # after the ControlNets, which read the noisy latent alone
+            x = torch.cat([x, channels], dim=1)
         return self.unet(
             x, state.timestep, encoder_hidden_states=context, cross_attention_kwargs={"layout": layout}, **extra
         ).sample

@@ -172,6 +172,9 @@ def invert_video(
     is steered alike. Everything is checked before the first step.
     """
     # 1. Check inputs
+    if model.is_instruction:
+        raise ValueError("DDIM Invert: an instruction model (InstructPix2Pix) edits from the source frames "
+                         "themselves and is not inverted: connect the frames to the Cross-Frame Sampler instead")
     check_invertible(scheduler)
     check_image_batch(frames, "images", multiple_of=8)
     _check_settings(steps, cfg, chunk_size, attention, record)

@@ -8,6 +8,7 @@ in: a start (`starts.py`, or its own), hooks (`hooks.py`), attention rules and e
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from typing import Optional
 
@@ -20,7 +21,7 @@ from ..attention.rules import Rule, own_frame
 from ..models.model import VEModel, encode_prompt
 from .budget import accounting_available, chunk_batch, free_bytes, unet_call_bytes
 from .chunks import Chunk, plan_chunks
-from .denoiser import SourceBranch, VideoDenoiser
+from .denoiser import ImageConditioning, SourceBranch, VideoDenoiser
 from .hooks import Hooks, last
 from .injection import Injection, InjectionPlan, PlanContext
 from .loop import denoise_loop
@@ -76,6 +77,7 @@ def sample_video(
     latent: Optional[dict] = None,
     mask: Optional[torch.Tensor] = None,
     start: Optional[Start] = None,
+    conditioning: Optional[ImageConditioning] = None,
 ) -> torch.Tensor:
     """Sample a video's latents (F, 4, H/8, W/8), scaled as diffusers' latents are.
 
@@ -84,7 +86,10 @@ def sample_video(
     selects (1.0 = from x_T); `images` (ComfyUI IMAGE) or a `latent` (ComfyUI LATENT, unscaled) partly noised by
     `settings.strength` (SDEdit); else noise for `frame_count` frames of `size` (height, width) -- with a
     ControlNet and no extent given, the hints' count and size. `mask` (ComfyUI MASK, 1 = edit) and a latent's
-    "noise_mask" keep the source outside the mask (`masking.py`); they need a source to keep.
+    "noise_mask" keep the source outside the mask (`masking.py`); they need a source to keep. `conditioning`:
+    what an instruction model (InstructPix2Pix, `VEModel.is_instruction`) reads beside the noisy latent, one
+    per frame, and its image guidance; such a model needs it and others refuse it
+    (`methods/instruct_pix2pix.py` builds it with its start).
     """
     # 1. Check everything before the first step
     start = resolve_start(start, images, latent, inversion, injection, frame_count, size, control)
@@ -100,6 +105,7 @@ def sample_video(
     keep_mask = edit_mask(mask, noise_mask, frame_count, (size[0] // 8, size[1] // 8))
     if control is not None:
         control.check(frame_count, size)
+    check_conditioning(model, conditioning, injection, frame_count, size, control)
     # 2. Encode the prompts
     cond = encode_prompt(model, settings.prompt)
     uncond = encode_prompt(model, settings.negative_prompt)
@@ -119,10 +125,12 @@ def sample_video(
     chunks = plan_chunks(frame_count, settings.chunk_size, settings.attention, settings.chunk_overlap)
     unet_processor, controlnet_processor = processors(settings, plan)
     copies = (settings.cfg != 1.0) + 1 + (source is not None)
+    if conditioning is not None:
+        copies = 3 if conditioning.guided(settings.cfg) else 1  # InstructPix2Pix: prompt+image, image, neither
     check_attention_memory(model, settings, frame_count, size, free_bytes(model.device), copies,
                            widest_rule(model.unet, unet_processor))
     batch = chunks_per_call(model, chunks, unet_processor, copies, size)
-    denoiser = VideoDenoiser(model.unet, cond, uncond, settings.cfg, chunks, control, source, batch)
+    denoiser = VideoDenoiser(model.unet, cond, uncond, settings.cfg, chunks, control, source, batch, conditioning)
 
     # 5. Attach the attention processors (UNet, and ControlNets when asked), begin, and run the loop
     with torch.no_grad(), ExitStack() as stack:
@@ -130,7 +138,7 @@ def sample_video(
         for module in control.attention_modules() if control is not None else ():
             stack.enter_context(attention_processors(module, controlnet_processor))
         stack.enter_context(plan.patches(model.unet))
-        shape = (frame_count, model.unet.config.in_channels, size[0] // 8, size[1] // 8)
+        shape = (frame_count, model.latent_channels, size[0] // 8, size[1] // 8)  # not the UNet's input (IP2P: 8)
         begun = start.begin(StartContext(model, settings, scheduler, timesteps,
                                          frame_generators(settings.seed, frame_count), shape, denoiser))
         if begun.uncond is not None:
@@ -140,6 +148,36 @@ def sample_video(
             keep = Hooks(after_step=[last(masked_blend_hook(keep_mask, begun.source_at))])  # nothing moves it after
         return denoise_loop(plan.wrap_denoiser(denoiser), begun.latents, scheduler, settings.scheduler, begun.timesteps,
                             hooks + plan.hooks + keep, progress, begun.first_position)
+
+
+def check_conditioning(model: VEModel, conditioning: Optional[ImageConditioning], injection, frame_count: int,
+                       size: tuple, control=None) -> None:
+    """An instruction model gets its per-frame conditioning, one for each frame at the latent size; no other model
+    takes any; no injection reads a run whose UNet also reads the source (nor does DDIM Invert run such a UNet);
+    its ControlNets read the noisy latent alone (SD-1.5 ControlNets beside InstructPix2Pix)."""
+    if conditioning is None:
+        if model.is_instruction:
+            raise ValueError("the model is an instruction model (InstructPix2Pix) and edits source frames: connect "
+                             "images or a latent to the sampler")
+        return
+    if not model.is_instruction:
+        raise ValueError(f"image conditioning needs an instruction (InstructPix2Pix) model, and {model!r} is "
+                         "text-to-image: load an InstructPix2Pix model")
+    if injection is not None:
+        raise ValueError("an instruction (InstructPix2Pix) model runs without an injection: disconnect it")
+    for unit in control.units if control is not None else ():
+        channels = unit.controlnet.config.in_channels
+        if channels != model.latent_channels:
+            which = f"ControlNet {unit.name!r}" if unit.name else "the ControlNet"
+            raise ValueError(f"{which} reads {channels} latent channels; beside an instruction "
+                             f"model it reads the noisy latent ({model.latent_channels}): use an SD-1.5 ControlNet")
+    expected = (frame_count, int(model.unet.config.in_channels) - model.latent_channels, size[0] // 8, size[1] // 8)
+    if tuple(conditioning.latents.shape) != expected:
+        raise ValueError(f"the instruction model's source latents are {tuple(conditioning.latents.shape)}, "
+                         f"the run needs {expected}: give one source frame per sampled frame")
+    if not (math.isfinite(conditioning.scale) and conditioning.scale >= 1.0):
+        raise ValueError(f"image_guidance must be 1 or more (got {conditioning.scale}): below 1 InstructPix2Pix "
+                         "turns all guidance off")
 
 
 def widest_rule(unet, unet_processor) -> Rule:
