@@ -224,22 +224,31 @@ def call_trajectories(ids: torch.Tensor) -> CallTrajectories:
     return CallTrajectories(table, (table >= 0).nonzero(as_tuple=True))
 
 
-def trajectory_attention(x: torch.Tensor, traj: CallTrajectories, heads: int) -> torch.Tensor:
+def trajectory_attention(x: torch.Tensor, traj: CallTrajectories, heads: int, query: Optional[torch.Tensor] = None,
+                         key: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention along trajectories: token (j, p) attends to the tokens of its trajectory in the call's frames,
-    with queries, keys and values all `x` split into heads (FLATTEN's old_qk=0), padding masked.
+    with queries, keys and values all `x` split into heads (FLATTEN's old_qk=0), padding masked. `query` and
+    `key` (same shape as x), when given, replace x as queries and keys (old_qk=1; FRESCO's temporal attention).
 
     x: ((chunk frame), tokens, channels); the same trajectories in every chunk. Returns the same shape.
     """
     frames = traj.table.shape[1]
     if traj.table.shape[0] == 0:
         return x
-    tokens = rearrange(x, "(c f) n d -> c f n d", f=frames)
     table = traj.table.to(x.device)
     present = table >= 0
-    members = tokens[:, torch.arange(frames, device=x.device)[None, :], table.clamp(min=0)]  # c k f d
-    qkv = rearrange(members, "c k f (h e) -> (c k) h f e", h=heads)
+    frame_index = torch.arange(frames, device=x.device)[None, :]
+
+    def along(t: torch.Tensor) -> torch.Tensor:  # the members of every trajectory, split into heads
+        members = rearrange(t, "(c f) n d -> c f n d", f=frames)[:, frame_index, table.clamp(min=0)]  # c k f d
+        return rearrange(members, "c k f (h e) -> (c k) h f e", h=heads)
+
+    tokens = rearrange(x, "(c f) n d -> c f n d", f=frames)
+    v = along(x)
+    q = v if query is None else along(query)
+    k = v if key is None else along(key)
     mask = repeat(present, "k f -> (c k) 1 1 f", c=tokens.shape[0])
-    out = F.scaled_dot_product_attention(qkv, qkv, qkv, attn_mask=mask)  # scale 1/sqrt(e), as FLATTEN
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(e), as FLATTEN
     out = rearrange(out, "(c k) h f e -> c k f (h e)", c=tokens.shape[0])
     rows, cols = (m.to(x.device) for m in traj.members)
     result = tokens.clone()
