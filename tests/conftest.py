@@ -15,6 +15,17 @@ def tiny_model():
     return load_model("builtin:tiny", dtype="fp32", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def sd15_unet():
+    """SD-1.5's UNet from the shipped config, weightless (meta device): for tests of which layers a method picks."""
+    from diffusers import UNet2DConditionModel
+
+    from comfyui_video_edit.pipelines_core.models.single_file import SD15_CONFIG_DIR
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR, subfolder="unet"))
+
+
 @pytest.fixture
 def clip_frames():
     """Three distinct 64x64 frames (ComfyUI IMAGE)."""

@@ -1,7 +1,5 @@
 """FLATTEN: trajectories from Flow Warp's flow at every token grid, attention along them, the injection plan."""
 
-import json
-import os
 from dataclasses import replace
 
 import pytest
@@ -17,7 +15,6 @@ from comfyui_video_edit.pipelines_core.methods.flatten import (
     token_grids, trajectory_attention,
 )
 from comfyui_video_edit.pipelines_core.sampling.injection import Injection
-from comfyui_video_edit.pipelines_core.models.single_file import SD15_CONFIG_DIR
 from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
 from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
@@ -226,15 +223,6 @@ def test_flow_layers_choose_the_grids_and_cross_attention_is_untouched():
 
 
 # --- injection layers ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def sd15_unet():
-    from diffusers import UNet2DConditionModel
-
-    with open(os.path.join(SD15_CONFIG_DIR, "unet", "config.json")) as f:
-        config = json.load(f)
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
 
 
 def test_injection_layers_are_flattens_on_sd15_and_fall_back_on_the_tiny_unet(sd15_unet, tiny_model):

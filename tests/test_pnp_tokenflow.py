@@ -1,14 +1,11 @@
 """Plug-and-Play and TokenFlow injections: layer selection, replay identity, step gating, keyframes, propagation."""
 
-import json
-import os
 from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
 import torch
 
-from comfyui_video_edit.pipelines_core.models.single_file import SD15_CONFIG_DIR
 from comfyui_video_edit.pipelines_core.attention.layers import (
     decoder_self_attention, ldm_decoder_layers, pnp_attention_layers, pnp_feature_module,
 )
@@ -64,17 +61,6 @@ SD15_DECODER_4_11 = [
     for b, j in [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]
 ]
 
-
-@pytest.fixture(scope="module")
-def sd15_unet():
-    """SD-1.5's UNet from the shipped config, weightless (meta device)."""
-    from diffusers import UNet2DConditionModel
-
-    path = os.path.join(SD15_CONFIG_DIR, "unet", "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
 
 
 def test_decoder_4_11_selects_the_papers_layers_on_sd15(sd15_unet):

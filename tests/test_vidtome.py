@@ -1,8 +1,6 @@
 """VidToMe: token merging across frames in self-attention (methods.md §1.5, §6 F1), its layers, chunks, shared
 matching across the source/uncond/cond rows, determinism, composition with Plug-and-Play, and token counts."""
 
-import json
-import os
 from dataclasses import replace
 
 import pytest
@@ -19,7 +17,6 @@ from comfyui_video_edit.pipelines_core.methods.vidtome import (
     MergedLayout, TokenMerge, VidToMeParams, VidToMeRun, attention_bytes, bipartite_matching, draw_chunks,
     frame_matching, merge_layers, merged_token_count, vidtome_injection, vidtome_planner,
 )
-from comfyui_video_edit.pipelines_core.models.single_file import SD15_CONFIG_DIR
 from comfyui_video_edit.pipelines_core.sampling.injection import Injection, InjectionPlan, PlanContext
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
 from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
@@ -185,15 +182,6 @@ def test_global_tokens_join_the_next_chunk_and_clear_each_step(attn):
 
 
 # --- layers and chunks --------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def sd15_unet():
-    from diffusers import UNet2DConditionModel
-
-    with open(os.path.join(SD15_CONFIG_DIR, "unet", "config.json")) as f:
-        config = json.load(f)
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
 
 
 def test_sd15_merges_the_64_and_32_levels(sd15_unet):
