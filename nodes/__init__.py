@@ -16,6 +16,7 @@ from .load_video_latents import VE_LoadVideoLatents
 from .lora_apply import VE_LoRAApply
 from .methods import discover
 from .temporal_guidance import VE_TemporalGuidance
+from .tune_on_clip import VE_TuneOnClip
 from .video_encode import VE_VideoEncode
 
 METHODS = discover()
@@ -34,6 +35,7 @@ NODE_CLASS_MAPPINGS = {
     "VE_AttentionInjector": VE_AttentionInjector,  # deprecated: split into the method nodes
     **{method.node_id: method.node for method in METHODS},
     "VE_LoadVideoLatents": VE_LoadVideoLatents,
+    "VE_TuneOnClip": VE_TuneOnClip,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -50,4 +52,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VE_AttentionInjector": "Attention Injector (deprecated)",
     **{method.node_id: method.display_name for method in METHODS},
     "VE_LoadVideoLatents": "Load Video as Latents (Video Edit)",
+    "VE_TuneOnClip": "Tune on Clip (Tune-A-Video)",
 }

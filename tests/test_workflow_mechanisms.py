@@ -422,6 +422,60 @@ def check_vidtome_edit(prompt):
     assert torch.equal(pnp_only, latents(with_inputs(bypassed, sampler, seed=7))), "PnP alone depends on the seed"
 
 
+def bypass(prompt: dict, node_id: str, socket_type: str) -> dict:
+    """The graph with every use of `node_id`'s `socket_type` output fed by what feeds the node's own input of it."""
+    upstream = next(v for v in prompt[node_id]["inputs"].values() if is_link(v) and link_type(prompt, v) == socket_type)
+    output = [node_id, NODE_CLASS_MAPPINGS[prompt[node_id]["class_type"]].RETURN_TYPES.index(socket_type)]
+    out = copied(prompt)
+    for node in out.values():
+        for name, value in node["inputs"].items():
+            if is_link(value) and list(value) == output:
+                node["inputs"][name] = list(upstream)
+    return out
+
+
+def tuned_graph(prompt: dict):
+    """The tuning node feeding the sampler's model (found by its learning_rate input), at steps and a learning rate
+    that move builtin:tiny's random weights (quick() leaves it 4 steps at the real models' 1e-4)."""
+    sampler = sampler_id(prompt)
+    tune = provider(prompt, sampler, "VE_MODEL")
+    assert "learning_rate" in prompt[tune]["inputs"], "the sampler's model does not come from a tuning node"
+    return with_inputs(prompt, tune, steps=20, learning_rate=1e-2), sampler, tune
+
+
+def check_tuning(name: str, prompt: dict, tune: str, result) -> None:
+    """The tuned model fits the clip: its denoising loss on the clip is lower than the base model's."""
+    from comfyui_video_edit.pipelines_core.methods.tune_a_video import clip_loss
+
+    base = provider(prompt, tune, "VE_MODEL")
+    frames = result.outputs[provider(prompt, tune, "IMAGE")][0]
+    text = prompt[tune]["inputs"]["prompt"]
+    with torch.inference_mode():
+        tuned, plain = clip_loss(result.outputs[tune][0], frames, text), clip_loss(result.outputs[base][0], frames, text)
+    print(f"\n{name}: denoising loss on the clip {plain:.4f} (base) -> {tuned:.4f} (tuned)")
+    # measured 1.1801 -> 1.1245
+    assert tuned < 0.99 * plain, f"{name}: tuning left the loss on the clip at {tuned:.4g} (base {plain:.4g})"
+
+
+def check_tune_a_video_edit(prompt):
+    prompt, sampler, tune = tuned_graph(prompt)
+    inverter = provider(prompt, sampler, "VE_INVERSION")
+    assert provider(prompt, inverter, "VE_MODEL") == tune, "DDIM Invert must invert with the tuned model"
+    edited, result = run(prompt)
+    check_tuning("tune-a-video", prompt, tune, result)
+    differs("tune-a-video: Tune on Clip bypassed", edited, latents(bypass(prompt, tune, "VE_MODEL")), 1.0)  # 11.6
+
+
+def check_video_p2p_edit(prompt):
+    prompt, sampler, tune = tuned_graph(prompt)
+    inverter = provider(prompt, sampler, "VE_INVERSION")
+    assert provider(prompt, inverter, "VE_MODEL") == tune and prompt[inverter]["inputs"]["null_text"]
+    edited, result = run(prompt)
+    check_tuning("video-p2p", prompt, tune, result)
+    differs("video-p2p: attention control unlinked", edited, latents(unlinked(prompt, "VE_INJECTION")), 0.3)  # 3.0
+    differs("video-p2p: Tune on Clip bypassed", edited, latents(bypass(prompt, tune, "VE_MODEL")), 1.0)  # 9.1
+
+
 MECHANISMS = {
     "controlvideo_edit": check_controlvideo_edit,
     "fairy_anchor_edit": check_fairy_anchor_edit,
@@ -437,7 +491,9 @@ MECHANISMS = {
     "sdedit_crossframe": check_sdedit_crossframe,
     "text2video_zero_edit": check_text2video_zero_edit,
     "tokenflow_edit": check_tokenflow_edit,
+    "tune_a_video_edit": check_tune_a_video_edit,
     "vid2vid_zero_edit": check_vid2vid_zero_edit,
+    "video_p2p_edit": check_video_p2p_edit,
     "vidtome_edit": check_vidtome_edit,
 }
 
