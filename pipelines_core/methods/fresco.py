@@ -84,6 +84,7 @@ from ..sampling.injection import Injection, InjectionPlan, PlanContext
 from ..sampling.windows import first
 from .flatten import LATENT_FACTOR, FlowGuidedAttention, FlowTrajectories, trajectory_attention
 from .rerender import adain
+from ..sampling.gradients import local_gradients
 
 COLOUR_OCCLUSION = 0.25  # the code: a warped pixel more than 25% of the range off its target is occluded
 
@@ -297,7 +298,7 @@ def optimize_features(sample: Tensor, frames: int, pairs: Optional[PairFlows], t
     (the sampler runs under no_grad, ComfyUI under inference_mode); nothing but the copy requires grad."""
     if pairs is None and target is None:
         return sample
-    with torch.inference_mode(False), torch.enable_grad():
+    with local_gradients():
         original = sample.detach().clone().float()
         gram = cosine_gram(target.detach().clone().float()) if target is not None else None
         optimised = adam_steps(original, frames, pairs.fresh() if pairs is not None else None, gram, iterations, lr,

@@ -66,6 +66,7 @@ from ..models.model import VEModel, encode_frames, encode_prompt, posterior_gene
 from ..progress import Progress, or_silent
 from ..video.encode import reserve_output_path
 from ..video.frames import check_image_batch
+from ..sampling.gradients import local_gradients
 
 QUERY_LAYERS = ("attn1.to_q", "attn2.to_q")  # what the paper tunes of the image model (besides attn_temp)
 ADAPTER = "tune_on_clip"  # the peft adapter name while tuning; gone once tuning ends
@@ -119,7 +120,7 @@ def tune_on_clip(model: VEModel, frames: torch.Tensor, settings: TuneSettings,
     # 1. Check everything before the first step
     check_image_batch(frames, "Tune on Clip: frames", multiple_of=8)
     progress = or_silent(progress)
-    with torch.inference_mode(False), torch.enable_grad():
+    with local_gradients():
         # 2. The clip's latents and the prompt's embeddings, as normal (not inference) tensors
         clip = frames.clone()  # a ComfyUI IMAGE made under inference mode cannot be saved for backward
         count = clip.shape[0]

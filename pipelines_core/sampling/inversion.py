@@ -38,6 +38,7 @@ from .chunks import plan_chunks
 from .denoiser import VideoDenoiser
 from .hooks import Hooks, StepState
 from .loop import denoise_loop
+from .gradients import local_gradients
 
 __all__ = [
     "INVERTIBLE", "Inversion", "RecordSpec", "check_invertible", "clear_inversion_cache", "ddim_invert",
@@ -318,7 +319,7 @@ def null_text_embeddings(model: VEModel, latents: dict, timesteps: torch.Tensor,
     device, dtype = model.device, model.dtype
     levels = [int(t) for t in timesteps] + [0]
     out = {}
-    with torch.inference_mode(False), torch.enable_grad(), _cross_frame(model.unet, attention):
+    with local_gradients(), _cross_frame(model.unet, attention):
         forward, _ = ddim_schedulers(model.scheduler_config, len(timesteps), device)
         unet = _autograd_unet(model.unet)
         x, cond = latents[levels[0]].to(device).clone(), cond.clone()
