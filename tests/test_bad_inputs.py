@@ -403,8 +403,11 @@ def test_ctrl_c_prints_one_line_and_exits_130_promptly(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-c", "import sys; from comfyui_video_edit.headless.cli import main; sys.exit(main())",
                "run", write(tmp_path, graph), "--output-dir", str(out)]
+    # SIGINT back to its default in the child: a shell starts background jobs with SIGINT ignored, a child inherits
+    # that, and Python installs its Ctrl-C handler only where SIGINT is not ignored at startup.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.set_blocking(process.stderr.fileno(), False)
     err, deadline = b"", time.monotonic() + 120
     while b"Video Encode:" not in err:  # the encoder has started writing
