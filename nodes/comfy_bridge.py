@@ -111,6 +111,13 @@ def output_directory() -> str:
     return _OUTPUT_DIR.get() or os.path.abspath("output")
 
 
+def lora_directory() -> str:
+    """Where a LoRA the pack writes goes: ComfyUI's first models/loras folder (so LoRA Apply lists it); headless,
+    the output folder."""
+    env = _comfy()
+    return env[1].get_folder_paths("loras")[0] if env is not None else output_directory()
+
+
 def input_directory() -> Optional[str]:
     env = _comfy()
     return env[1].get_input_directory() if env is not None else None

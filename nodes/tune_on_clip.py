@@ -10,14 +10,6 @@ from ..pipelines_core.models.lora import add_lora
 from ..pipelines_core.video.encode import check_writable, output_folder
 
 
-def lora_folder() -> str:
-    """Where tuned LoRAs go: ComfyUI's models/loras (so LoRA Apply lists them), headless the output folder."""
-    env = comfy_bridge._comfy()  # comfy_bridge has no folder-by-kind helper yet; its ComfyUI lookup is the one
-    if env is None:
-        return comfy_bridge.output_directory()
-    return env[1].get_folder_paths("loras")[0]
-
-
 class VE_TuneOnClip:
     DESCRIPTION = (
         "Tune-A-Video's one-shot tuning: teach the model this clip under its source prompt before editing it "
@@ -68,7 +60,7 @@ class VE_TuneOnClip:
         if filename_prefix is None:  # linked: known only when the graph runs
             return True
         try:
-            folder = output_folder(lora_folder(), filename_prefix)
+            folder = output_folder(comfy_bridge.lora_directory(), filename_prefix)
             check_writable(folder)
         except ValueError as err:
             return f"Tune on Clip: {err}"
@@ -82,7 +74,7 @@ class VE_TuneOnClip:
         settings = TuneSettings(prompt, steps, learning_rate, rank, seed, gradient_checkpointing)
         comfy_bridge.load_for_use(model)
         result = tune_on_clip(model, frames, settings, progress=comfy_bridge.progress("Tune on Clip"))
-        path = str(save_lora(result, lora_folder(), filename_prefix))
+        path = str(save_lora(result, comfy_bridge.lora_directory(), filename_prefix))
         text = (f"{os.path.basename(path)}: denoising loss on the clip {result.loss_before:.4f} -> "
                 f"{result.loss_after:.4f}")
         return {"ui": {"text": [text]}, "result": (add_lora(model, path, 1.0), path)}
