@@ -6,10 +6,10 @@ import logging
 import os
 
 from . import comfy_bridge
-from ..pipelines_core.models.model import (BUILTIN_SD15_RANDOM, BUILTIN_TINY, BUILTIN_TINY_IP2P, DEVICES, DTYPES,
-                                            load_model)
+from ..pipelines_core.models.model import (BUILTIN_SD15_RANDOM, BUILTIN_TINY, BUILTIN_TINY_IP2P, BUILTIN_TINY_SDXL,
+                                            DEVICES, DTYPES, load_model)
 
-BUILTINS = (BUILTIN_TINY, BUILTIN_SD15_RANDOM, BUILTIN_TINY_IP2P)
+BUILTINS = (BUILTIN_TINY, BUILTIN_SD15_RANDOM, BUILTIN_TINY_IP2P, BUILTIN_TINY_SDXL)
 log = logging.getLogger(__name__)
 
 
@@ -33,9 +33,11 @@ def resolve_model(name: str) -> str:
 
 class VE_LoadModel:
     DESCRIPTION = (
-        "Load a Stable Diffusion 1.5-class model for video editing: a checkpoint from ComfyUI's checkpoints "
+        "Load a Stable Diffusion 1.5-class or SDXL model for video editing: a checkpoint from ComfyUI's checkpoints "
         "folder, a diffusers folder, a path, or builtin:tiny (random weights, for trying graphs; not a real edit). "
-        "InstructPix2Pix models (8-channel UNet; builtin:tiny-ip2p for trying) are recognised and edit by instruction."
+        "The family is read from the weights and said in the log. InstructPix2Pix models (8-channel UNet; "
+        "builtin:tiny-ip2p for trying) edit by instruction; SDXL (builtin:tiny-sdxl for trying) runs the sampler's "
+        "own mechanisms, RAVE and Fairy, and refuses by name the methods tied to SD-1.5's layers."
     )
     CATEGORY = "video edit/models"
     RETURN_TYPES = ("VE_MODEL",)
@@ -92,5 +94,6 @@ class VE_LoadModel:
         )
         log.info("Load Model: %s is %s", checkpoint, model.kind)  # say which recipe the sampler will run
         if not keep_loaded:
-            comfy_bridge.manage_memory([model.unet, model.vae, model.text_encoder], model.device)
+            modules = [model.unet, model.vae, model.text_encoder, model.text_encoder_2]
+            comfy_bridge.manage_memory([m for m in modules if m is not None], model.device)
         return (model,)

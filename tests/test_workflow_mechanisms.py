@@ -160,6 +160,14 @@ def check_sdedit_crossframe(prompt):
     near, far = mad(edited, source), mad(generated, source)
     print(f"\nsdedit: distance to the source latents {near:.3g}, generation from noise {far:.3g}")
     assert near < 0.5 * far, f"SDEdit output is {near:.3g} from the source, generation {far:.3g}"
+    return result
+
+
+def check_sdxl_sdedit_crossframe(prompt):
+    """The same edit on an SDXL model: cross-frame attention and SDEdit work through the backbone seam."""
+    result = check_sdedit_crossframe(prompt)
+    model = result.outputs[provider(prompt, sampler_id(prompt), "VE_MODEL")][0]
+    assert model.backbone.name == "SDXL" and model.text_encoder_2 is not None, f"{model!r} is not an SDXL model"
 
 
 def check_lora_sdedit(prompt):
@@ -489,6 +497,7 @@ MECHANISMS = {
     "rave_edit": check_rave_edit,
     "rerender_edit": check_rerender_edit,
     "sdedit_crossframe": check_sdedit_crossframe,
+    "sdxl_sdedit_crossframe": check_sdxl_sdedit_crossframe,
     "text2video_zero_edit": check_text2video_zero_edit,
     "tokenflow_edit": check_tokenflow_edit,
     "tune_a_video_edit": check_tune_a_video_edit,

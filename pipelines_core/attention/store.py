@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..models.backbone import blank_unet_kwargs
 from .attach import is_self_attention
 from .processor import AttnCall, AttnEdit, FrameLayout
 from .rules import get_rule
@@ -348,11 +349,12 @@ def feature_shapes(unet, names, height: int, width: int) -> dict[str, tuple]:
         twin = type(unet).from_config(unet.config)
         x = torch.empty(1, twin.config.in_channels, height // 8, width // 8)
         text = torch.empty(1, 77, twin.config.cross_attention_dim)
+        added = blank_unet_kwargs(twin.config, 1)
     shapes = {}
     handles = [twin.get_submodule(n).register_forward_hook(
         lambda m, a, out, n=n: shapes.__setitem__(n, tuple(module_output(out).shape[1:]))) for n in names]
     try:
-        twin(x, torch.tensor(1, device="meta"), encoder_hidden_states=text)
+        twin(x, torch.tensor(1, device="meta"), encoder_hidden_states=text, **added)
     finally:
         for handle in handles:
             handle.remove()

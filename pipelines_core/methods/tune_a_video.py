@@ -119,6 +119,9 @@ def tune_on_clip(model: VEModel, frames: torch.Tensor, settings: TuneSettings,
     """
     # 1. Check everything before the first step
     check_image_batch(frames, "Tune on Clip: frames", multiple_of=8)
+    if model.backbone.name != "SD-1.5":
+        raise ValueError(f"Tune on Clip trains SD-1.5 UNets (Tune-A-Video's model); {model!r} is "
+                         f"{model.backbone.name}: load an SD-1.5 model to tune")
     progress = or_silent(progress)
     with local_gradients():
         # 2. The clip's latents and the prompt's embeddings, as normal (not inference) tensors

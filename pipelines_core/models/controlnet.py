@@ -85,8 +85,10 @@ class ControlUnit:
         # [index, index + 1] / total inside [start, end]); the pack's own windows are sampling.windows'.
         return not (index / total < self.start or (index + 1) / total > self.end)
 
-    def residuals(self, x: torch.Tensor, context: torch.Tensor, layout, timestep, with_layout: bool):
-        """(down residuals, mid residual) for the UNet batch `x`, or None when no chunk is controlled."""
+    def residuals(self, x: torch.Tensor, context: torch.Tensor, layout, timestep, with_layout: bool,
+                  added: Optional[dict] = None):
+        """(down residuals, mid residual) for the UNet batch `x`, or None when no chunk is controlled.
+        `added`: the UNet's added conditioning rows (SDXL's `added_cond_kwargs`), which an SDXL ControlNet reads too."""
         roles = tuple(layout.roles) or ("cond",)
         if x.shape[0] != len(roles) * layout.frames:
             raise ValueError(f"UNet batch of {x.shape[0]} does not hold {len(roles)} chunks of {layout.frames} frames")
@@ -96,19 +98,23 @@ class ControlUnit:
             return None
         self._check_text_width(context)
         if len(chunks) == len(roles):
-            return self._run(x, context, layout, timestep, with_layout)
+            return self._run(x, context, layout, timestep, with_layout, added)
         rows = _chunk_rows(chunks, layout.frames, x.device)
         seen = replace(layout, roles=tuple(roles[i] for i in chunks))
-        down, mid = self._run(x[rows], context[rows], seen, timestep, with_layout)
+        seen_added = None if added is None else {k: v[rows] for k, v in added.items()}
+        down, mid = self._run(x[rows], context[rows], seen, timestep, with_layout, seen_added)
         # The chunks the ControlNet did not see get zero residuals.
         return [_scatter_rows(d, rows, x.shape[0]) for d in down], _scatter_rows(mid, rows, x.shape[0])
 
-    def _run(self, x: torch.Tensor, context: torch.Tensor, layout, timestep, with_layout: bool):
+    def _run(self, x: torch.Tensor, context: torch.Tensor, layout, timestep, with_layout: bool,
+             added: Optional[dict] = None):
         """The ControlNet on a (chunk, frame) batch, each frame with its own hint; hints travel per call."""
         model = self.controlnet
         device, dtype = model.device, model.dtype
         hint = self._hints_for(layout).to(device, dtype).repeat(x.shape[0] // layout.frames, 1, 1, 1)
         extra = {"cross_attention_kwargs": {"layout": layout}} if with_layout else {}
+        if added is not None:
+            extra["added_cond_kwargs"] = {k: v.to(device, dtype) for k, v in added.items()}
         down, mid = model(
             x.to(device, dtype), timestep, encoder_hidden_states=context.to(device, dtype), controlnet_cond=hint,
             conditioning_scale=self.strength, guess_mode=self.guesses, return_dict=False, **extra,
@@ -186,15 +192,17 @@ class ControlStack:
                 modules.append(unit.controlnet)
         return modules
 
-    def unet_kwargs(self, x: torch.Tensor, context: torch.Tensor, layout, state) -> dict:
-        """Summed ControlNet residuals for one UNet call, or {} when no ControlNet is active at this step."""
+    def unet_kwargs(self, x: torch.Tensor, context: torch.Tensor, layout, state, added: Optional[dict] = None) -> dict:
+        """Summed ControlNet residuals for one UNet call, or {} when no ControlNet is active at this step. `added`:
+        the UNet call's own added-conditioning kwargs (SDXL), handed to the ControlNets as well."""
+        added = (added or {}).get("added_cond_kwargs")
         linked = self.attention_modules()
         down, mid = None, None
         for unit in self.units:
             if not unit.active(state.index, state.total):
                 continue
             with_layout = any(unit.controlnet is m for m in linked)
-            out = unit.residuals(x, context, layout, state.timestep, with_layout)
+            out = unit.residuals(x, context, layout, state.timestep, with_layout, added)
             if out is None:
                 continue
             if down is None:

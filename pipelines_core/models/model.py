@@ -22,10 +22,12 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 from ..video.frames import check_image_batch
+from .backbone import Backbone, PromptEmbeds, backbone_of
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_SD15_RANDOM = "builtin:sd15-random"  # SD-1.5-sized, random weights: for benchmarks only
 BUILTIN_TINY_IP2P = "builtin:tiny-ip2p"  # builtin:tiny with InstructPix2Pix's 8-channel UNet: for tests and demos
+BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"  # SDXL's layout in small (two text encoders, added conditioning)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -48,6 +50,13 @@ class VEModel:
     device: torch.device
     dtype: torch.dtype
     loras: tuple = field(default=())
+    text_encoder_2: Optional[torch.nn.Module] = None  # SDXL's second (projecting) text encoder
+    tokenizer_2: object = None
+
+    @property
+    def backbone(self) -> Backbone:
+        """The model's family: how prompts are encoded and what else its UNet reads (`backbone.py`)."""
+        return backbone_of(self.unet)
 
     @property
     def vae_scale(self) -> float:
@@ -69,6 +78,8 @@ class VEModel:
         """What Load Model found, in words."""
         if self.is_instruction:
             return "an InstructPix2Pix instruction model (8-channel UNet: it edits source frames by instruction)"
+        if self.backbone.name == "SDXL":
+            return "an SDXL text-to-image model (two text encoders, 4-channel UNet)"
         return f"a text-to-image model ({self.unet.config.in_channels}-channel UNet)"
 
     def with_changes(self, **changes) -> "VEModel":
@@ -76,6 +87,7 @@ class VEModel:
 
     def __repr__(self) -> str:  # ComfyUI str()s inputs into error reports: keep it short
         extra = ", instruction" if self.is_instruction else ""
+        extra += ", SDXL" if self.text_encoder_2 is not None else ""
         extra += f", {len(self.loras)} LoRA" if self.loras else ""
         return f"VEModel({self.source!r}, {str(self.dtype).removeprefix('torch.')}, {self.device}{extra})"
 
@@ -99,9 +111,19 @@ def is_diffusers_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))
 
 
+# model_index.json's pipeline class -> the family Load Model says it found, for the ones it loads
+FOLDER_FAMILIES = {"StableDiffusionPipeline": "SD-1.5", "StableDiffusionImg2ImgPipeline": "SD-1.5",
+                   "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",
+                   "StableDiffusionXLPipeline": "SDXL", "StableDiffusionXLImg2ImgPipeline": "SDXL"}
+
+
 def _load_diffusers_folder(path: str, torch_dtype: torch.dtype) -> dict:
+    """A diffusers folder of a family the pack runs (SD-1.x, InstructPix2Pix, SDXL with both text encoders),
+    read offline; any other pipeline class is refused by name before a weight is read."""
+    import json
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     def sub(name: str) -> str:
         folder = os.path.join(path, name)
@@ -109,18 +131,29 @@ def _load_diffusers_folder(path: str, torch_dtype: torch.dtype) -> dict:
             raise FileNotFoundError(f"diffusers folder {path!r} has no {name}/ subfolder; is it a Stable Diffusion model?")
         return folder
 
-    import json
-
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    kind = index.get("_class_name", "")
+    if kind not in FOLDER_FAMILIES:
+        raise ValueError(f"diffusers folder {path!r} holds a {kind or 'pipeline without _class_name'}; Load Model "
+                         "runs SD-1.x, InstructPix2Pix and SDXL (base) folders")
+    sdxl = FOLDER_FAMILIES.get(kind) == "SDXL"
+    if sdxl and not (index.get("text_encoder") and index["text_encoder"][0]):
+        raise ValueError(f"diffusers folder {path!r} is an SDXL refiner (one text encoder): load the SDXL base model")
     with open(os.path.join(sub("scheduler"), "scheduler_config.json"), encoding="utf-8") as f:
         scheduler_config = json.load(f)
     kw = dict(torch_dtype=torch_dtype, local_files_only=True)
-    return {
+    parts = {
         "unet": UNet2DConditionModel.from_pretrained(sub("unet"), **kw),
         "vae": AutoencoderKL.from_pretrained(sub("vae"), **kw),
         "text_encoder": CLIPTextModel.from_pretrained(sub("text_encoder"), **kw),
         "tokenizer": CLIPTokenizer.from_pretrained(sub("tokenizer"), local_files_only=True),
         "scheduler_config": scheduler_config,
     }
+    if sdxl:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(sub("text_encoder_2"), **kw)
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(sub("tokenizer_2"), local_files_only=True)
+    return parts
 
 
 def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Optional[str] = None,
@@ -137,6 +170,10 @@ def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Option
         from .tiny import tiny_ip2p_components
 
         return tiny_ip2p_components()
+    if source == BUILTIN_TINY_SDXL:
+        from .tiny import tiny_sdxl_components
+
+        return tiny_sdxl_components()
     if is_diffusers_folder(source):
         return _load_diffusers_folder(source, torch_dtype)
     if os.path.isfile(source) and source.lower().endswith(CHECKPOINT_EXTENSIONS):
@@ -164,7 +201,9 @@ def _dtype_and_device(dtype: str, device: str) -> tuple[torch.dtype, torch.devic
 
 def _assemble(parts: dict, source: str, target: torch.device, torch_dtype: torch.dtype) -> VEModel:
     """Components on `target` in `torch_dtype`, ready for sampling (eval mode, no grads)."""
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if parts.get(name) is None:
+            continue
         module = parts[name].to(device=target)
         if module.dtype != torch_dtype:
             module = module.to(dtype=torch_dtype)
@@ -200,29 +239,15 @@ def model_from_state_dict(state: dict, tokenizer, dtype: str = "fp32", device: s
 # --- what every recipe does with a model -------------------------------------------------------
 
 @torch.no_grad()
+def encode_text(model: VEModel, prompt: str) -> PromptEmbeds:
+    """The prompt as the model's denoiser reads it (hidden states, and SDXL's pooled embedding), exactly as
+    diffusers' pipeline for its family computes it."""
+    return model.backbone.encode(model, prompt)
+
+
 def encode_prompt(model: VEModel, prompt: str) -> torch.Tensor:
-    """CLIP text embeddings (1, 77, D), exactly as diffusers' Stable Diffusion pipelines compute them."""
-    tok = model.tokenizer(
-        prompt, padding="max_length", max_length=model.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    # CLIP reads 77 tokens; the rest is cut. Say so, as diffusers' pipelines do, rather than drop words unseen.
-    full = model.tokenizer(prompt, truncation=False, verbose=False).input_ids  # verbose=False: no 2nd warning
-    limit = model.tokenizer.model_max_length
-    if len(full) > limit:
-        import logging
-
-        def short(text: str) -> str:  # one readable line, however long the prompt
-            return text if len(text) <= 60 else text[:57] + "..."
-
-        dropped = model.tokenizer.decode(full[limit - 1:-1])  # the text between the kept part and the end token
-        logging.getLogger(__name__).warning(
-            "prompt %r is %d tokens long and the text encoder reads %d: the last %d are dropped (%r); shorten it.",
-            short(prompt), len(full), limit, len(full) - limit, short(dropped))
-    mask = None
-    if getattr(model.text_encoder.config, "use_attention_mask", False):
-        mask = tok.attention_mask.to(model.device)
-    embeds = model.text_encoder(tok.input_ids.to(model.device), attention_mask=mask)[0]
-    return embeds.to(model.dtype)
+    """The UNet's encoder hidden states for `prompt` (1, 77, D)."""
+    return encode_text(model, prompt).hidden
 
 
 def frames_to_pixels(frames: torch.Tensor, model: VEModel) -> torch.Tensor:

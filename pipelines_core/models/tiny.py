@@ -145,6 +145,66 @@ def _tokenizer_home() -> str:
     return tempfile.mkdtemp(prefix="ve_tiny_tokenizer_")
 
 
+def _tiny_sdxl_unet():
+    """SDXL's UNet shape in small: no attention at the first level, linear projections, more transformer layers
+    deeper down, the pooled text embedding and six size/crop ids added to the timestep embedding."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=SDXL_POOLED + 6 * 8,
+        cross_attention_dim=32 + SDXL_SECOND_WIDTH,  # both text encoders' hidden states side by side
+        norm_num_groups=8,
+    )
+
+
+SDXL_SECOND_WIDTH = 48  # the tiny second text encoder's width (bigG's 1280 in SDXL)
+SDXL_POOLED = 24  # its projection (1280 in SDXL)
+SDXL_SCHEDULER_CONFIG = {**SD_SCHEDULER_CONFIG, "_class_name": "EulerDiscreteScheduler",
+                         "timestep_spacing": "leading"}
+
+
+def build_tiny_sdxl_components(tokenizer_folder: str, seed: int = TINY_SEED) -> dict:
+    """Fresh tiny SDXL components: the SD ones' VAE (SDXL's scaling factor), two CLIP text encoders (the second
+    with a projection, as OpenCLIP bigG in SDXL) sharing the tiny tokenizer, an SDXL-shaped UNet."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    write_tiny_tokenizer(tokenizer_folder)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
+    bos, eos = tokenizer.convert_tokens_to_ids(_BOS), tokenizer.convert_tokens_to_ids(_EOS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7)
+        unet = _tiny_sdxl_unet()
+        vae = _tiny_vae()
+        vae.register_to_config(scaling_factor=0.13025)
+        text_encoder = _tiny_text_encoder(len(tokenizer), bos, eos)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=SDXL_SECOND_WIDTH, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+            projection_dim=SDXL_POOLED))
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2, "tokenizer_2": CLIPTokenizer.from_pretrained(tokenizer_folder),
+            "scheduler_config": dict(SDXL_SCHEDULER_CONFIG)}
+
+
+def tiny_sdxl_components() -> dict:
+    """The `builtin:tiny-sdxl` components, built fresh: SDXL's layout with random weights, for tests and demos."""
+    return build_tiny_sdxl_components(_tokenizer_home())
+
+
 def tiny_components() -> dict:
     """The `builtin:tiny` components, built fresh (callers may move or cast them freely)."""
     return build_tiny_components(_tokenizer_home())

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..attention import attention_processors
+from ..models.backbone import blank_unet_kwargs
 from ..attention.processor import AttnEdit, FrameLayout, VideoAttnProcessor
 from ..attention.rules import placed_index
 
@@ -101,7 +102,8 @@ def _call_bytes(cls, config_json: str, dtype: torch.dtype, layout: FrameLayout, 
         processors = attention_processors(unet, lambda name: VideoAttnProcessor(
             rule_of[name], name, explicit if name in probabilities else ()))
         with processors, tracker, torch.no_grad():
-            unet(sample, 999, encoder_hidden_states=context, cross_attention_kwargs={"layout": layout})
+            unet(sample, 999, encoder_hidden_states=context, cross_attention_kwargs={"layout": layout},
+                 **blank_unet_kwargs(config, rows, dtype))
         peak = tracker.get_tracker_snapshot("peak")
     return activation_peak(peak)
 

@@ -73,6 +73,7 @@ class VideoDenoiser:
     source: Optional[SourceBranch] = None
     batch: int = 1
     image: Optional[ImageConditioning] = None
+    added: Optional[object] = None  # the family's added conditioning per role (SDXL: models.backbone.AddedConditioning)
 
     def __call__(self, latents: torch.Tensor, state: StepState) -> torch.Tensor:
         # Blending eps, not the stepped latents, is MultiDiffusion's average all the same (every scheduler here
@@ -132,9 +133,10 @@ class VideoDenoiser:
     def _unet(self, x: torch.Tensor, context: torch.Tensor, frame_ids: tuple, roles: tuple, state: StepState,
               groups: int = 1, channels: Optional[torch.Tensor] = None):
         layout = FrameLayout(len(frame_ids), tuple(frame_ids), roles, state.timestep_value, state.index, groups)
-        extra = self.control.unet_kwargs(x, context, layout, state) if self.control is not None else {}
+        added = self.added.unet_kwargs(roles, len(frame_ids), x) if self.added is not None else {}
+        extra = self.control.unet_kwargs(x, context, layout, state, added) if self.control is not None else {}
         if channels is not None:  # after the ControlNets, which read the noisy latent alone
             x = torch.cat([x, channels], dim=1)
         return self.unet(
-            x, state.timestep, encoder_hidden_states=context, cross_attention_kwargs={"layout": layout}, **extra
+            x, state.timestep, encoder_hidden_states=context, cross_attention_kwargs={"layout": layout}, **added, **extra
         ).sample

@@ -31,7 +31,7 @@ from ..attention.store import (
     DISK_FIX, AttentionStore, RecordSpec, StepBuffer, StoreBudgetError, attention_layers, estimate_bytes,
     feature_recording, key_frames, over_budget_message, recording_edits,
 )
-from ..models.model import VEModel, decode_latents, encode_frames, encode_prompt
+from ..models.model import VEModel, decode_latents, encode_frames, encode_text
 from ..progress import Progress, or_silent
 from ..video.frames import check_image_batch
 from .chunks import plan_chunks
@@ -124,6 +124,7 @@ class Inversion:
     reconstruction_psnr: Optional[float] = None
     record: RecordSpec = field(default_factory=RecordSpec)
     control: Optional[object] = None  # the ControlStack that steered every inversion step (RAVE), or None
+    prompt_pooled: Optional[torch.Tensor] = None  # the prompt's pooled embedding, for families with one (SDXL)
 
     @property
     def x_T(self) -> torch.Tensor:
@@ -200,12 +201,14 @@ def invert_video(
                        model.tokenizer.model_max_length, budget_bytes)
 
     # 2. Encode the prompt and the frames (VAE mean: deterministic)
-    cond = encode_prompt(model, prompt)
-    uncond = encode_prompt(model, "")
+    cond_text, uncond_text = encode_text(model, prompt), encode_text(model, "")
+    cond, uncond = cond_text.hidden, uncond_text.hidden
+    added = model.backbone.added_conditioning(model, {"cond": cond_text.pooled, "uncond": uncond_text.pooled},
+                                              (height, width))
     x0 = encode_frames(model, frames)
 
     # 3. Run the loop backwards, recording what was asked
-    denoiser = VideoDenoiser(model.unet, cond, uncond, 1.0 if null_text else cfg, chunks, control)
+    denoiser = VideoDenoiser(model.unet, cond, uncond, 1.0 if null_text else cfg, chunks, control, added=added)
     with torch.no_grad(), _cross_frame_controlnets(control, attention):
         latents = _recorded_inversion(model, denoiser, x0, steps, attention, record, store, progress)
     timesteps = ddim_schedulers(model.scheduler_config, steps)[0].timesteps
@@ -214,10 +217,11 @@ def invert_video(
     null = None
     if null_text:
         null = null_text_embeddings(model, latents, timesteps, cond, uncond, cfg, chunks, attention,
-                                    null_inner_steps, null_lr, progress)
+                                    null_inner_steps, null_lr, progress, added)
 
+    pooled = None if cond_text.pooled is None else cond_text.pooled.detach().cpu()
     inversion = Inversion(timesteps, latents, prompt, cond.detach().cpu(), steps, cfg, model.source, attention,
-                          chunk_size, null, store, None, record, control)
+                          chunk_size, null, store, None, record, control, pooled)
     _remember(key, inversion)
     return _measured(model, inversion, frames, key) if measure else inversion
 
@@ -309,15 +313,17 @@ def _cross_frame(unet, attention: str):
 
 def null_text_embeddings(model: VEModel, latents: dict, timesteps: torch.Tensor, cond, uncond, cfg: float,
                          chunks, attention: str, inner_steps: int = 10, lr: float = 1e-2,
-                         progress: Optional[Progress] = None) -> dict[int, torch.Tensor]:
+                         progress: Optional[Progress] = None, added=None) -> dict[int, torch.Tensor]:
     """Per sampling timestep t, the unconditional embedding that makes the CFG step from the
-    trajectory's latent at t land on its latent one level below; each starts from the last.
+    trajectory's latent at t land on its latent one level below; each starts from the last. `added`: the
+    family's added conditioning (SDXL: the pooled embeddings stay fixed; only the hidden states are tuned).
 
     Runs with gradients even under ComfyUI's inference mode (tensors are cloned into normal ones).
     """
     progress = or_silent(progress)
     device, dtype = model.device, model.dtype
     levels = [int(t) for t in timesteps] + [0]
+    null_added = None if added is None else added.reading("uncond")
     out = {}
     with local_gradients(), _cross_frame(model.unet, attention):
         forward, _ = ddim_schedulers(model.scheduler_config, len(timesteps), device)
@@ -326,13 +332,14 @@ def null_text_embeddings(model: VEModel, latents: dict, timesteps: torch.Tensor,
         null = uncond.to(torch.promote_types(dtype, torch.float32)).clone()  # optimise in at least fp32
 
         def guided_step(null_emb: torch.Tensor, eps_cond: torch.Tensor, state: StepState) -> torch.Tensor:
-            eps_null = VideoDenoiser(unet, null_emb.to(dtype), null_emb.to(dtype), 1.0, chunks)(state.latents, state)
+            eps_null = VideoDenoiser(unet, null_emb.to(dtype), null_emb.to(dtype), 1.0, chunks,
+                                     added=null_added)(state.latents, state)
             return forward.step(eps_null + cfg * (eps_cond - eps_null), state.timestep, state.latents).prev_sample
 
         for i, t in enumerate(timesteps):
             state = StepState(i, t, len(timesteps), x)
             with torch.no_grad():
-                eps_cond = VideoDenoiser(unet, cond, cond, 1.0, chunks)(x, state)
+                eps_cond = VideoDenoiser(unet, cond, cond, 1.0, chunks, added=added)(x, state)
             target = latents[levels[i + 1]].to(device).clone()
             early_stop = 1e-5 + i * 2e-5  # Mokady's threshold, looser as the noise falls
             null = _fit(lambda e: guided_step(e, eps_cond, state), null, target, inner_steps, lr, early_stop)
@@ -376,7 +383,11 @@ def reconstruct(model: VEModel, inversion: Inversion, progress: Optional[Progres
     """Sample forward from x_T with the source prompt and the inversion's steps, cfg and rule."""
     chunks = plan_chunks(latent_at(inversion, 0).shape[0], inversion.chunk_size, inversion.attention)
     cond = inversion.prompt_embeds.to(model.device, model.dtype)
-    base = VideoDenoiser(model.unet, cond, encode_prompt(model, ""), inversion.cfg, chunks, inversion.control)
+    empty = encode_text(model, "")
+    x_T = inversion.x_T
+    added = model.backbone.added_conditioning(model, {"cond": inversion.prompt_pooled, "uncond": empty.pooled},
+                                              (x_T.shape[-2] * 8, x_T.shape[-1] * 8))
+    base = VideoDenoiser(model.unet, cond, empty.hidden, inversion.cfg, chunks, inversion.control, added=added)
 
     def denoise(x: torch.Tensor, state: StepState) -> torch.Tensor:
         if inversion.null_embeds is None:

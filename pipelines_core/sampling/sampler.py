@@ -18,7 +18,7 @@ from ..attention import VideoAttnProcessor, attention_processors, get_rule
 from ..attention.attach import is_self_attention
 from ..attention.processor import FrameLayout, gathered_kv_bytes
 from ..attention.rules import Rule, own_frame
-from ..models.model import VEModel, encode_prompt
+from ..models.model import VEModel, encode_text
 from .budget import accounting_available, chunk_batch, free_bytes, unet_call_bytes
 from .chunks import Chunk, plan_chunks
 from .denoiser import ImageConditioning, SourceBranch, VideoDenoiser
@@ -97,6 +97,7 @@ def sample_video(
     start.check(settings, model)
     settings.check(frame_count, from_images=start.has_source)
     if injection is not None:
+        model.backbone.check_method(injection.mode)
         injection.check_run(settings, frame_count)
     noise_mask = start.noise_mask
     if (mask is not None or noise_mask is not None) and not start.has_source:
@@ -107,8 +108,8 @@ def sample_video(
         control.check(frame_count, size)
     check_conditioning(model, conditioning, injection, frame_count, size, control)
     # 2. Encode the prompts
-    cond = encode_prompt(model, settings.prompt)
-    uncond = encode_prompt(model, settings.negative_prompt)
+    cond_text, uncond_text = encode_text(model, settings.prompt), encode_text(model, settings.negative_prompt)
+    cond, uncond = cond_text.hidden, uncond_text.hidden
 
     # 3. The scheduler and the timesteps the start will run
     scheduler = start.make_scheduler(settings, model)
@@ -130,7 +131,12 @@ def sample_video(
     check_attention_memory(model, settings, frame_count, size, free_bytes(model.device), copies,
                            widest_rule(model.unet, unet_processor))
     batch = chunks_per_call(model, chunks, unet_processor, copies, size)
-    denoiser = VideoDenoiser(model.unet, cond, uncond, settings.cfg, chunks, control, source, batch, conditioning)
+    pooled = {"cond": cond_text.pooled, "uncond": uncond_text.pooled, "image": uncond_text.pooled}
+    if source is not None:
+        pooled["source"] = injection.inversion.prompt_pooled
+    added = model.backbone.added_conditioning(model, pooled, size)
+    denoiser = VideoDenoiser(model.unet, cond, uncond, settings.cfg, chunks, control, source, batch, conditioning,
+                             added)
 
     # 5. Attach the attention processors (UNet, and ControlNets when asked), begin, and run the loop
     with torch.no_grad(), ExitStack() as stack:
