@@ -147,3 +147,32 @@ def test_rave_and_fairy_run_on_sdxl_and_change_the_edit(sdxl):
     for injection in (rave_injection(params=RAVEParams(grid=2)), fairy_injection(params=FairyParams(anchors=2))):
         edited = edit_video(sdxl, s, frames, injection=injection)
         assert edited.shape == plain.shape and (edited - plain).abs().max() > 1e-3
+
+
+def test_an_sdxl_diffusers_folder_loads_with_both_text_encoders(sdxl, tmp_path, clip_frames):
+    """A folder saved by diffusers' StableDiffusionXLPipeline is read as SDXL (model_index.json) and samples as
+    builtin:tiny-sdxl does."""
+    pipeline(StableDiffusionXLPipeline, sdxl, "euler").save_pretrained(tmp_path / "sdxl", safe_serialization=True)
+    loaded = load_model(str(tmp_path / "sdxl"), dtype="fp32", device="cpu")
+    assert loaded.backbone is SDXL and loaded.text_encoder_2 is not None and "SDXL" in loaded.kind
+    s = SamplerSettings(PROMPT, seed=1, steps=2, strength=0.5, attention="first")
+    assert torch.equal(edit_video(loaded, s, clip_frames), edit_video(sdxl, s, clip_frames))
+
+
+@pytest.mark.parametrize("kind, message", [("FluxPipeline", "holds a FluxPipeline"),
+                                           ("StableDiffusion3Pipeline", "holds a StableDiffusion3Pipeline")])
+def test_a_folder_of_another_family_is_refused_by_name(tmp_path, kind, message):
+    import json
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": kind}))
+    with pytest.raises(ValueError, match=message):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_an_sdxl_refiner_folder_is_refused(tmp_path):
+    import json
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline",
+                                                           "text_encoder": [None, None]}))
+    with pytest.raises(ValueError, match="SDXL refiner"):
+        load_model(str(tmp_path), device="cpu")
