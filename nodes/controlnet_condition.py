@@ -7,9 +7,11 @@ import os
 from . import comfy_bridge
 from ..pipelines_core.models.controlnet import ControlStack, ControlUnit, check_unit_settings, load_controlnet, place
 from ..pipelines_core.models.hints import PREPROCESSORS, make_hints
-from ..pipelines_core.models.tiny import tiny_controlnet
+from ..pipelines_core.models.model import BUILTIN_TINY, BUILTIN_TINY_SDXL
+from ..pipelines_core.models.tiny import tiny_controlnet, tiny_sdxl_controlnet
 
 BUILTIN_TINY_CONTROLNET = "builtin:tiny"
+TINY_CONTROLNETS = {BUILTIN_TINY: tiny_controlnet, BUILTIN_TINY_SDXL: tiny_sdxl_controlnet}  # model -> its ControlNet
 
 
 def controlnet_choices() -> list[str]:
@@ -27,9 +29,11 @@ def resolve_controlnet(name: str) -> str:
 
 def load_named_controlnet(name: str, model):
     if name == BUILTIN_TINY_CONTROLNET:
-        if model.source != "builtin:tiny":
-            raise ValueError("ControlNet Condition: the builtin:tiny ControlNet only fits the builtin:tiny model")
-        controlnet = place(tiny_controlnet(model.unet), model.device, model.dtype)
+        if model.source not in TINY_CONTROLNETS:
+            raise ValueError(f"ControlNet Condition: the builtin:tiny ControlNet only fits the "
+                             f"{' and '.join(TINY_CONTROLNETS)} models, not {model.source!r}: pick a ControlNet "
+                             f"made for its family")
+        controlnet = place(TINY_CONTROLNETS[model.source](model.unet), model.device, model.dtype)
     else:
         controlnet = load_controlnet(resolve_controlnet(name), dtype=model.dtype, device=model.device)
     if comfy_bridge.is_managed(model.unet):  # follows its model's keep_loaded choice
@@ -58,7 +62,7 @@ class VE_ControlNetCondition:
                 "frames": ("IMAGE", {"tooltip": "The clip the hints are made from (same size as the sampled frames)."}),
                 "controlnet": (controlnet_choices(), {
                     "tooltip": "A ControlNet from models/controlnet (diffusers folder or single file), a path, "
-                               "or builtin:tiny (random, for the builtin:tiny model)."}),
+                               "or builtin:tiny (random, for the builtin:tiny and builtin:tiny-sdxl models)."}),
                 "preprocessor": (list(PREPROCESSORS), {"default": "canny",
                                                        "tooltip": "none: the frames already are hints; canny: edges; "
                                                                   "others need annotator weights in annotator_dir."}),

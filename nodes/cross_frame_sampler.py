@@ -117,7 +117,7 @@ class VE_CrossFrameSampler:
             progress=comfy_bridge.progress("Cross-Frame Sampler"), control=control, inversion=inversion,
             injection=injection, latent=latent, mask=mask,
         )
-        samples = {"samples": (latents / model.vae_scale).float().cpu()}
+        samples = {"samples": model.unscaled(latents).float().cpu()}
         if not frames_are_read(graph, unique_id):
             # Only the latent is used (e.g. Video Encode decodes it a few frames at a time): decoding the whole
             # clip here would hold every frame in pixels, the memory a streamed long clip must not need.

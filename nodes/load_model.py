@@ -6,10 +6,10 @@ import logging
 import os
 
 from . import comfy_bridge
-from ..pipelines_core.models.model import (BUILTIN_SD15_RANDOM, BUILTIN_TINY, BUILTIN_TINY_IP2P, BUILTIN_TINY_SDXL,
-                                            DEVICES, DTYPES, load_model)
+from ..pipelines_core.models.model import (BUILTIN_SD15_RANDOM, BUILTIN_TINY, BUILTIN_TINY_FLUX, BUILTIN_TINY_IP2P,
+                                            BUILTIN_TINY_SDXL, DEVICES, DTYPES, load_model)
 
-BUILTINS = (BUILTIN_TINY, BUILTIN_SD15_RANDOM, BUILTIN_TINY_IP2P, BUILTIN_TINY_SDXL)
+BUILTINS = (BUILTIN_TINY, BUILTIN_SD15_RANDOM, BUILTIN_TINY_IP2P, BUILTIN_TINY_SDXL, BUILTIN_TINY_FLUX)
 log = logging.getLogger(__name__)
 
 

@@ -4,13 +4,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
+from comfyui_video_edit.pipelines_core.models.backbone import SD
 from comfyui_video_edit.pipelines_core.attention.processor import VideoAttnProcessor
 from comfyui_video_edit.pipelines_core.models.model import decode_latents
 from comfyui_video_edit.pipelines_core.sampling.chunks import plan_chunks
 from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
 from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
 from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
-from comfyui_video_edit.pipelines_core.sampling.schedulers import SCHEDULERS, make_scheduler
+from comfyui_video_edit.pipelines_core.sampling.schedulers import make_scheduler
 
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 
@@ -25,7 +26,7 @@ def pipeline(cls, model, scheduler):
     return pipe
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", list(SD.schedulers))  # the noise-predicting models' schedulers
 def test_sdedit_without_temporal_features_equals_diffusers_img2img(tiny_model, clip_frames, scheduler):
     """Frame f equals StableDiffusionImg2ImgPipeline run on that frame alone with generator seed + f."""
     s = SamplerSettings(PROMPT, NEGATIVE, seed=11, steps=6, cfg=7.5, scheduler=scheduler, strength=0.7,
@@ -39,7 +40,7 @@ def test_sdedit_without_temporal_features_equals_diffusers_img2img(tiny_model, c
         assert (ref[0].permute(1, 2, 0) - ours[f]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", list(SD.schedulers))  # the noise-predicting models' schedulers
 def test_generation_from_noise_equals_diffusers_txt2img(tiny_model, scheduler):
     s = SamplerSettings(PROMPT, NEGATIVE, seed=3, steps=5, cfg=6.0, scheduler=scheduler, attention="none")
     ours = decode_latents(tiny_model, edit_video(tiny_model, s, frame_count=2, size=(64, 48)))
@@ -98,7 +99,7 @@ def test_after_step_hook_result_is_what_the_loop_returns(tiny_model, clip_frames
     assert out.abs().sum() == 0
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", list(SD.schedulers))  # the noise-predicting models' schedulers
 def test_identity_x0_hook_changes_nothing_and_a_real_one_does(tiny_model, clip_frames, scheduler):
     s = SamplerSettings(PROMPT, steps=4, scheduler=scheduler, strength=0.9)
     plain = edit_video(tiny_model, s, clip_frames)

@@ -10,6 +10,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from comfyui_video_edit.pipelines_core.models.backbone import SD
 from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS
 from comfyui_video_edit.pipelines_core.sampling.hooks import Hooks
 from comfyui_video_edit.pipelines_core.sampling.inversion import invert_video
@@ -53,7 +54,7 @@ def posterior_latent(model, frames: torch.Tensor, seed: int) -> dict:
 
 # --- (a) the oracle --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", list(SD.schedulers))  # the noise-predicting models' schedulers
 def test_masked_sdedit_equals_diffusers_inpaint_pipeline(tiny_model, clip_frames, scheduler):
     """Attention none: frame f equals StableDiffusionInpaintPipeline (4-channel UNet) on that frame, seed + f."""
     mask = block_mask(3)
@@ -76,7 +77,7 @@ def test_masked_sdedit_equals_diffusers_inpaint_pipeline(tiny_model, clip_frames
 
 # --- (b) the kept region -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", list(SD.schedulers))  # the noise-predicting models' schedulers
 def test_outside_the_mask_ends_exactly_on_the_source(tiny_model, clip_frames, scheduler):
     mask = block_mask(3)
     s = settings(scheduler=scheduler)
@@ -90,7 +91,7 @@ def test_outside_the_mask_ends_exactly_on_the_source(tiny_model, clip_frames, sc
     assert torch.equal(ones, edit_video(tiny_model, s, clip_frames))
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", list(SD.schedulers))  # the noise-predicting models' schedulers
 def test_kept_region_is_the_source_noised_to_each_steps_level(tiny_model, clip_frames, scheduler):
     """Before every step after the first, the kept cells hold clean + noise at that step's level in the
     scheduler's own convention: VP sqrt(a) x0 + sqrt(1 - a) n (DDIM, DPM++), VE x0 + sigma n (Euler)."""

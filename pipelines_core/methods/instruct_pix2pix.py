@@ -64,7 +64,7 @@ class InstructStart(Start):
     def begin(self, context: StartContext) -> Begun:
         model, scheduler, timesteps = context.model, context.scheduler, context.timesteps
         noise = initial_noise(context.shape, context.settings, context.generators, model.device, model.dtype)
-        clean = self.source.to(model.device, model.dtype) * model.vae_scale
+        clean = model.scaled(self.source.to(model.device, model.dtype))
         source_at = noised_source(scheduler, clean, noise, timesteps)  # what a mask keeps
         if context.settings.strength >= 1.0:
             return Begun(noise * scheduler.init_noise_sigma, timesteps, source_at=source_at)

@@ -87,9 +87,30 @@ class Backbone:
             mask = tokens.attention_mask.to(model.device)
         return PromptEmbeds(model.text_encoder(tokens.input_ids.to(model.device), attention_mask=mask)[0].to(model.dtype))
 
-    def added_conditioning(self, model, pooled: dict, size: tuple) -> Optional[AddedConditioning]:
-        """What each UNet call takes beside the hidden states, for a run at `size` (height, width) in pixels."""
+    schedulers = ("ddim", "euler", "dpmpp_2m")  # the sampler's schedulers this family's prediction can step
+    joint_attention = False  # True: one attention over [text, image] tokens per block (MMDiT), no attn1/attn2
+    size_multiple = 8  # pixels per latent pixel, times any patching of the latent
+
+    def added_conditioning(self, model, pooled: dict, size: tuple, guidance: Optional[float] = None):
+        """What each UNet call takes beside the hidden states, for a run at `size` (height, width) in pixels;
+        `guidance`: a guidance-distilled model's guidance scale (Flux-dev), embedded rather than applied."""
         return None
+
+    def guidance_split(self, cfg: float) -> tuple:
+        """(classifier-free guidance the denoiser applies, guidance the network embeds) for the sampler's cfg."""
+        return cfg, None
+
+    def set_timesteps(self, scheduler, steps: int, size: tuple, device) -> None:
+        scheduler.set_timesteps(steps, device=device)
+
+    def check_run(self, settings, size: tuple, control=None, invert: bool = False) -> None:
+        """Refuse, before any step, what this family cannot run: its scheduler, its size, a ControlNet."""
+        if settings is not None and settings.scheduler not in self.schedulers:
+            raise ValueError(f"the {settings.scheduler!r} scheduler does not step {self.name} models: choose "
+                             f"{' or '.join(repr(s) for s in self.schedulers)}")
+        if size[0] % self.size_multiple or size[1] % self.size_multiple:
+            raise ValueError(f"{self.name} needs a size that is a multiple of {self.size_multiple} "
+                             f"(got {size[1]}x{size[0]}): resize the clip (Load Video's width/height)")
 
     def check_method(self, mode: str) -> None:
         """Refuse, before any step, an injection this family cannot serve, by the method's name."""
@@ -124,7 +145,7 @@ class SDXLBackbone(Backbone):
             hidden.append(out.hidden_states[-2])  # SDXL reads the penultimate layer of both
         return PromptEmbeds(torch.cat(hidden, dim=-1).to(model.dtype), pooled.to(model.dtype))
 
-    def added_conditioning(self, model, pooled: dict, size: tuple) -> AddedConditioning:
+    def added_conditioning(self, model, pooled: dict, size: tuple, guidance: Optional[float] = None) -> AddedConditioning:
         """diffusers' defaults: original size = target size = the run's, no crop (`_get_add_time_ids`)."""
         height, width = size
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=model.dtype)
@@ -136,12 +157,94 @@ class SDXLBackbone(Backbone):
         return AddedConditioning(pooled, time_ids)
 
 
+@dataclass(frozen=True)
+class FluxConditioning:
+    """Flux's per-call conditioning: the CLIP pooled embedding of each role's prompt and, on guidance-distilled
+    models, the guidance scale (one per role: FlowEdit guides source and target differently)."""
+
+    pooled: dict  # role -> (1, P)
+    guidance: Optional[dict] = None  # role -> guidance scale; None: the model embeds none (Flux-schnell)
+
+    def with_guidance(self, **scales) -> "FluxConditioning":
+        return replace(self, guidance={**(self.guidance or {}), **scales}) if self.guidance is not None else self
+
+    def unet_kwargs(self, roles: tuple, frames: int, like: Tensor) -> dict:
+        pooled = torch.cat([self.pooled[role].to(like.device, like.dtype).expand(frames, -1) for role in roles])
+        added = {"pooled": pooled}
+        if self.guidance is not None:
+            added["guidance"] = torch.tensor([float(self.guidance[role]) for role in roles for _ in range(frames)],
+                                             device=like.device, dtype=torch.float32)
+        return {"added_cond_kwargs": added}
+
+
+class FluxBackbone(Backbone):
+    """Flux.1 (dev, schnell): an MMDiT on 2x2-packed 16-channel latents, flow matching (velocity prediction),
+    T5 hidden states + CLIP pooled embedding, guidance embedded on the distilled dev model (no negative prompt)."""
+
+    name = "Flux"
+    schedulers = ("flow_euler",)
+    joint_attention = True
+    size_multiple = 16  # 8x VAE, then 2x2 patches
+    max_text_tokens = 512  # FluxPipeline's max_sequence_length
+    refused_methods = {}  # every injection is refused on Flux except its own starts: see `check_method`
+
+    def check_method(self, mode: str) -> None:
+        if mode not in ("flowedit", "rf_inversion"):
+            raise ValueError(f"{mode} does not run on Flux models: its attention edits are written for UNet layers; "
+                             "on Flux use FlowEdit or RF-Inversion, or load an SD-1.5 model")
+
+    def encode(self, model, prompt: str) -> PromptEmbeds:
+        """CLIP's pooled output and T5's last hidden states, as `FluxPipeline.encode_prompt` computes them."""
+        clip = _tokens(model.tokenizer, prompt)
+        pooled = model.text_encoder(clip.input_ids.to(model.device), output_hidden_states=False).pooler_output
+        tokenizer = model.tokenizer_2
+        length = min(int(tokenizer.model_max_length), self.max_text_tokens)
+        ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True,
+                        return_tensors="pt").input_ids
+        hidden = model.text_encoder_2(ids.to(model.device), output_hidden_states=False)[0]
+        return PromptEmbeds(hidden.to(model.dtype), pooled.to(model.dtype))
+
+    def added_conditioning(self, model, pooled: dict, size: tuple, guidance: Optional[float] = None):
+        embeds = bool(getattr(model.unet.config, "guidance_embeds", False))
+        scales = {role: guidance for role in pooled} if embeds else None
+        return FluxConditioning(pooled, scales)
+
+    def guidance_split(self, cfg: float) -> tuple:
+        return 1.0, cfg  # distilled guidance: one network call per step, the scale goes in as an embedding
+
+    def set_timesteps(self, scheduler, steps: int, size: tuple, device) -> None:
+        """FluxPipeline's schedule: sigmas 1 .. 1/steps, shifted by mu for the image's token count."""
+        import numpy as np
+
+        tokens = (size[0] // self.size_multiple) * (size[1] // self.size_multiple)
+        config = scheduler.config
+        slope = (config.get("max_shift", 1.15) - config.get("base_shift", 0.5)) / (
+            config.get("max_image_seq_len", 4096) - config.get("base_image_seq_len", 256))
+        mu = config.get("base_shift", 0.5) + slope * (tokens - config.get("base_image_seq_len", 256))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
+
+    def check_run(self, settings, size: tuple, control=None, invert: bool = False) -> None:
+        super().check_run(settings, size)
+        if settings is not None and settings.attention_layers != "all":
+            raise ValueError(f"attention_layers {settings.attention_layers!r} names UNet decoder layers; Flux's "
+                             "blocks have none: set attention_layers to 'all'")
+        if control is not None and len(control):
+            raise ValueError("ControlNet Condition does not run on Flux models yet (its ControlNets are UNet "
+                             "ControlNets): disconnect it, or load an SD-1.5 or SDXL model")
+        if invert:
+            raise ValueError("DDIM Invert inverts noise-predicting models; Flux predicts velocities: use RF-Inversion "
+                             "(or FlowEdit, which needs no inversion)")
+
+
 SD = Backbone()
 SDXL = SDXLBackbone()
+FLUX = FluxBackbone()
 
 
 def backbone_of(unet) -> Backbone:
-    """The family of a diffusers UNet, read from its config: SDXL's adds text and time embeddings."""
+    """The family of a denoiser network: Flux's wrapper says so; SDXL's UNet adds text and time embeddings."""
+    if getattr(unet, "family", None) == "flux":
+        return FLUX
     return SDXL if getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time" else SD
 
 

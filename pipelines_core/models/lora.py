@@ -3,7 +3,7 @@
 A LoRA adds a low-rank update to chosen layers:  W' = W + s · (α / r) · B · A  (A: r×in, B: out×r,
 s: the strength). Apply nodes never touch the modules: `add_lora` returns a new VEModel whose
 `loras` names the file and strength. `lora_scope(model)` makes exactly those LoRAs active on the
-shared UNet and text encoder for the duration of a block, and hands the modules back computing
+shared UNet and text encoder(s) (SDXL: both) for the duration of a block, and hands the modules back computing
 what they computed before (the base model, outside any scope), so other branches of the graph
 that run the same weights see no LoRA.
 
@@ -15,9 +15,15 @@ come back exactly as it was lent). Nothing is fused into the base weights. Neste
 the outer scope's wrappers and hand them back as they found them.
 
 Layouts read: kohya/A1111 (`lora_unet_…lora_down.weight`, `.lora_up.weight`, `.alpha`,
-`lora_te_…`), converted by diffusers; diffusers/peft (`unet.….lora_A.weight`,
-`….lora.down.weight`, `text_encoder.…`), with the adapter config diffusers writes into the file
-header when there is one.
+`lora_te_…`; SDXL: `lora_te1_…`, `lora_te2_…` and the UNet's sgm block names `input_blocks_4_1_…`),
+converted by diffusers (`StableDiffusionXLLoraLoaderMixin.lora_state_dict` with the UNet's config maps
+SDXL's sgm blocks); diffusers/peft (`unet.….lora_A.weight`, `….lora.down.weight`, `text_encoder.…`,
+`text_encoder_2.…`), with the adapter config diffusers writes into the file header when there is one.
+
+Families: the family is the model's (`VEModel.backbone`). A file is read against it and refused, in one
+line naming the file and the family, when its layers are not the model's: an SD-1.5 LoRA's UNet layers do
+not exist in SDXL's UNet (or have other widths) and an SDXL LoRA's `text_encoder_2` layers have no home in
+SD-1.5. (A LoRA of CLIP ViT-L alone cannot be told apart: SD-1.5's text encoder is SDXL's first one.)
 """
 
 from __future__ import annotations
@@ -29,14 +35,15 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 from .model import VEModel
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PARTS = ("unet", "text_encoder")  # the SD-1.5 modules a LoRA may change, as diffusers names them
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # the modules a LoRA may change, as diffusers names them
+OTHER_FAMILIES = {"SD-1.5": "SDXL, SD3, Flux, …", "SDXL": "SD-1.5, SD3, Flux, …"}  # for "made for another family"
 UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 HEADER_CONFIG_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfig
@@ -77,8 +84,8 @@ def adapter_name_for(path: str) -> str:
 def check_lora(model: VEModel, path: str) -> dict:
     """Validate a LoRA file against `model` without changing anything; returns layers per part.
     Raises FileNotFoundError / ValueError with a one-line message."""
-    layers = read_lora(path)
-    return {part: _check_fit(_module(model, part), layers, part) for part in layers.weights}
+    layers = read_lora(path, model)
+    return {part: _check_fit(_module(model, part), layers, part, _family(model)) for part in layers.weights}
 
 
 def add_lora(model: VEModel, path: str, strength: float = 1.0) -> VEModel:
@@ -96,7 +103,7 @@ def lora_scope(model: VEModel) -> Iterator[VEModel]:
     """Inside the block, the UNet and text encoder compute `model` with exactly `model.loras`
     active at their strengths; on exit they compute what they computed before (the base model)."""
     weights = adapter_weights(model.loras)
-    modules = [_module(model, part) for part in PARTS]
+    modules = [_module(model, part) for part in _parts(model)]
     # The modules are shared by every model built from the same Load Model output (ComfyUI caches it
     # and hands it to every later graph), so a scope that found them plain leaves them plain: no peft
     # wrapper may outlive it (a ControlNet built from the UNet would copy the wrappers' keys).
@@ -126,28 +133,30 @@ def adapter_weights(loras) -> dict:
 
 # --- reading a file ------------------------------------------------------------------------------
 
-def read_lora(path: str) -> LoraLayers:
-    """Read a LoRA file (either layout) into peft's layout per model part."""
+def read_lora(path: str, model: Optional[VEModel] = None) -> LoraLayers:
+    """Read a LoRA file (either layout) into peft's layout per model part, for `model`'s family (SD-1.5 when
+    none is given): SDXL's kohya files name the UNet's sgm blocks, which only its UNet config can map."""
     name = os.path.basename(path)
-    state, header_configs = _read_file(path)
+    family = _family(model)
+    state, header_configs = _read_file(path, family)
     if not any("lora" in key for key in state):
         raise ValueError(
-            f"not a LoRA for SD-1.5: '{name}' holds no LoRA weights (expected keys like "
+            f"not a LoRA for {family}: '{name}' holds no LoRA weights (expected keys like "
             f"'lora_unet_…lora_down.weight' or 'unet.….lora_A.weight'; is it a checkpoint or an embedding?)"
         )
     if any("dora_scale" in key or "lora_magnitude_vector" in key for key in state):
         raise ValueError(f"'{name}' is a DoRA, which LoRA Apply does not support; use a plain LoRA")
     others = [key for key in state if not key.startswith(KOHYA_PREFIXES)]
     if others and len(others) < len(state):
-        raise ValueError(f"not a LoRA for SD-1.5: '{name}' mixes kohya layers with keys LoRA Apply cannot read "
+        raise ValueError(f"not a LoRA for {family}: '{name}' mixes kohya layers with keys LoRA Apply cannot read "
                          f"(e.g. '{others[0]}')")
     if not others:
         state = _fold_kohya_alphas(state)
-    state = _diffusers_layout(state, name)
-    return LoraLayers(name, _split_parts(state, name), header_configs)
+    state = _diffusers_layout(state, name, model)
+    return LoraLayers(name, _split_parts(state, name, _parts(model), family), header_configs)
 
 
-def _read_file(path: str) -> tuple[dict, dict]:
+def _read_file(path: str, family: str) -> tuple[dict, dict]:
     """The file's tensors (on the CPU; pickles load with weights_only) and any header LoraConfigs."""
     name = os.path.basename(path)
     if not os.path.isfile(path):
@@ -166,7 +175,7 @@ def _read_file(path: str) -> tuple[dict, dict]:
     except Exception as error:  # safetensors/pickle raise many types; the message is what matters
         raise ValueError(f"cannot read LoRA '{name}': {str(error).splitlines()[0]}") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"not a LoRA for SD-1.5: '{name}' is not a flat dict of tensors")
+        raise ValueError(f"not a LoRA for {family}: '{name}' is not a flat dict of tensors")
     return state, {}
 
 
@@ -195,22 +204,29 @@ def _fold_kohya_alphas(state: dict) -> dict:
     return out
 
 
-def _diffusers_layout(state: dict, name: str) -> dict:
-    """kohya -> diffusers names with diffusers' own converter; diffusers/peft files pass through."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+def _diffusers_layout(state: dict, name: str, model: Optional[VEModel]) -> dict:
+    """kohya -> diffusers names with diffusers' own converter; diffusers/peft files pass through. For SDXL,
+    diffusers' SDXL loader with the UNet's config, which maps kohya's sgm block names (`input_blocks_4_1_…`)
+    to the UNet's; SD-1.5 kohya files name diffusers' blocks already, and are read as diffusers' SD loader does."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
+    family = _family(model)
     try:
-        state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(state))
+        if family == "SDXL":
+            state, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(state), unet_config=model.unet.config)
+        else:
+            state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(state))
     except ValueError as error:  # kohya layers diffusers cannot rename (LoHa, LoKr, …)
         raise ValueError(
-            f"not a LoRA for SD-1.5: '{name}' has layers LoRA Apply cannot read "
+            f"not a LoRA for {family}: '{name}' has layers LoRA Apply cannot read "
             f"({str(error).split(':')[-1].strip().split(',')[0]}); only plain LoRA is supported"
         ) from error
     return state
 
 
-def _split_parts(state: dict, name: str) -> dict:
-    """{"unet.….lora_A.weight": …} -> {"unet": {"….lora_A.weight": …}, "text_encoder": {…}} in peft names."""
+def _split_parts(state: dict, name: str, parts_here: tuple, family: str) -> dict:
+    """{"unet.….lora_A.weight": …} -> {"unet": {"….lora_A.weight": …}, "text_encoder": {…}, …}, peft names;
+    a part the model does not have (`text_encoder_2` on SD-1.5) refuses the file."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
 
@@ -218,34 +234,46 @@ def _split_parts(state: dict, name: str) -> dict:
     for key, value in state.items():
         key = key.removeprefix("base_model.model.")  # peft's own PeftModel state dicts
         part, _, rest = key.partition(".")
-        if part not in PARTS:
+        if part not in parts_here:
             if not key.startswith(UNET_ROOTS):
                 raise ValueError(
-                    f"not a LoRA for SD-1.5: '{name}' has layers for '{part}', which SD-1.5 does not have "
-                    f"(a LoRA for another model family: SDXL, SD3, Flux, …)"
+                    f"not a LoRA for {family}: '{name}' has layers for '{part}', which {family} does not have "
+                    f"(a LoRA for another model family: {OTHER_FAMILIES.get(family, '…')})"
                 )
             part, rest = "unet", key
         parts.setdefault(part, {})[rest] = value
     if "unet" in parts:
         parts["unet"] = convert_unet_state_dict_to_peft(parts["unet"])
-    if "text_encoder" in parts:  # old diffusers names (to_q_lora, lora_linear_layer), then lora.down/up
-        te = convert_state_dict_to_peft(parts["text_encoder"], original_type=StateDictType.DIFFUSERS_OLD)
-        parts["text_encoder"] = convert_unet_state_dict_to_peft(te)
+    for part in ("text_encoder", "text_encoder_2"):  # old diffusers names (to_q_lora, lora_linear_layer), lora.down
+        if part in parts:
+            te = convert_state_dict_to_peft(parts[part], original_type=StateDictType.DIFFUSERS_OLD)
+            parts[part] = convert_unet_state_dict_to_peft(te)
     if not parts:
-        raise ValueError(f"not a LoRA for SD-1.5: '{name}' has no LoRA layers (only alphas or empty)")
+        raise ValueError(f"not a LoRA for {family}: '{name}' has no LoRA layers (only alphas or empty)")
     for part, weights in parts.items():
         odd = [k for k in weights if not re.search(r"\.lora_[AB]\.(weight|bias)$", k)]
         if odd:
             raise ValueError(
-                f"not a LoRA for SD-1.5: '{name}' has {part} keys LoRA Apply cannot read (e.g. '{odd[0]}')"
+                f"not a LoRA for {family}: '{name}' has {part} keys LoRA Apply cannot read (e.g. '{odd[0]}')"
             )
     return parts
 
 
 # --- checking a file against a model -----------------------------------------------------------------
 
+def _family(model: Optional[VEModel]) -> str:
+    return model.backbone.name if model is not None else "SD-1.5"
+
+
+def _parts(model: Optional[VEModel]) -> tuple:
+    """The PARTS `model` has (SD-1.5: UNet and text encoder; SDXL: both text encoders too)."""
+    if model is None:
+        return PARTS[:2]
+    return tuple(part for part in PARTS if getattr(model, part, None) is not None)
+
+
 def _module(model: VEModel, part: str) -> torch.nn.Module:
-    return model.unet if part == "unet" else model.text_encoder
+    return getattr(model, part)
 
 
 def _for_module(module: torch.nn.Module, weights: dict) -> dict:
@@ -265,7 +293,7 @@ def _layer_pairs(weights: dict) -> dict:
     return pairs
 
 
-def _check_fit(module: torch.nn.Module, layers: LoraLayers, part: str) -> int:
+def _check_fit(module: torch.nn.Module, layers: LoraLayers, part: str, family: str) -> int:
     """Every LoRA layer names a Linear/Conv2d of `module` with matching shapes; else one clear error."""
     weights = _for_module(module, layers.weights[part])
     pairs = _layer_pairs(weights)
@@ -276,8 +304,8 @@ def _check_fit(module: torch.nn.Module, layers: LoraLayers, part: str) -> int:
     missing = [path for path in pairs if path not in named]
     if missing:
         raise ValueError(
-            f"LoRA '{layers.name}' does not fit this model: {len(missing)} of its {len(pairs)} {part} layers do not "
-            f"exist here (e.g. '{missing[0]}'); it was made for another base model, use an SD-1.5 LoRA"
+            f"LoRA '{layers.name}' does not fit this model ({family}): {len(missing)} of its {len(pairs)} {part} "
+            f"layers do not exist here (e.g. '{missing[0]}'); it was made for another base model, use an {family} LoRA"
         )
     for path, (a, b) in pairs.items():
         base = getattr(named[path], "base_layer", named[path])  # already wrapped by an earlier LoRA
@@ -288,9 +316,9 @@ def _check_fit(module: torch.nn.Module, layers: LoraLayers, part: str) -> int:
         w = base.weight
         if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[2:] != w.shape[2:]:
             raise ValueError(
-                f"LoRA '{layers.name}' does not fit this model: {part} layer '{path}' has out={w.shape[0]}, "
-                f"in={w.shape[1]} but the LoRA has out={b.shape[0]}, in={a.shape[1]}; it was made for another "
-                f"base model (SDXL or SD-2?), use an SD-1.5 LoRA"
+                f"LoRA '{layers.name}' does not fit this model ({family}): {part} layer '{path}' has "
+                f"out={w.shape[0]}, in={w.shape[1]} but the LoRA has out={b.shape[0]}, in={a.shape[1]}; it was made "
+                f"for another base model ({OTHER_FAMILIES.get(family, '…')}), use an {family} LoRA"
             )
     return len(pairs)
 
@@ -320,9 +348,12 @@ def _ensure_loaded(model: VEModel, spec: LoraSpec) -> None:
     todo = [part for part in spec.parts if not _has_adapter(_module(model, part), spec.adapter_name)]
     if not todo:
         return
-    layers = read_lora(spec.path)
+    layers = read_lora(spec.path, model)
+    missing = [part for part in todo if part not in layers.weights]
+    if missing:  # the file was replaced since add_lora read it
+        raise ValueError(f"LoRA '{layers.name}' no longer has {missing[0]} layers: it changed since LoRA Apply read it")
     for part in todo:  # check everything before changing anything
-        _check_fit(_module(model, part), layers, part)
+        _check_fit(_module(model, part), layers, part, _family(model))
     for part in todo:
         module = _module(model, part)
         weights = _for_module(module, layers.weights[part])

@@ -4,9 +4,12 @@ Sources (all offline; nothing is ever downloaded):
   * "builtin:tiny"                - a small random SD-shaped model built in-process (tiny.py);
   * "builtin:sd15-random"         - SD-1.5-sized with random weights, for benchmarks (tiny.py);
   * "builtin:tiny-ip2p"           - builtin:tiny with an 8-channel UNet: an InstructPix2Pix-shaped model (tiny.py);
-  * a diffusers folder            - a directory holding model_index.json and unet/ vae/ text_encoder/ tokenizer/;
+  * "builtin:tiny-sdxl", "builtin:tiny-flux" - SDXL's and Flux's layouts in small, random weights (tiny.py);
+  * a diffusers folder            - a directory holding model_index.json and unet/ vae/ text_encoder/ tokenizer/
+                                    (SDXL: also text_encoder_2/ tokenizer_2/; Flux: transformer/ and T5);
   * a single-file checkpoint      - .safetensors/.ckpt in the original SD layout, converted with the
-                                    SD-1.5 component configs shipped in configs/sd15 (single_file.py);
+                                    SD-1.5 component configs shipped in configs/sd15 (single_file.py), or an
+                                    SDXL base file with configs/sdxl (sdxl_single_file.py);
                                     an InstructPix2Pix file (8-channel conv_in) is recognised by its weights;
   * a state dict in that layout   - already in memory, e.g. the model a ComfyUI graph loaded and patched
                                     (`model_from_state_dict`; the same conversion as a file).
@@ -28,6 +31,7 @@ BUILTIN_TINY = "builtin:tiny"
 BUILTIN_SD15_RANDOM = "builtin:sd15-random"  # SD-1.5-sized, random weights: for benchmarks only
 BUILTIN_TINY_IP2P = "builtin:tiny-ip2p"  # builtin:tiny with InstructPix2Pix's 8-channel UNet: for tests and demos
 BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"  # SDXL's layout in small (two text encoders, added conditioning)
+BUILTIN_TINY_FLUX = "builtin:tiny-flux"  # Flux's layout in small (MMDiT, flow matching, T5 + CLIP)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -63,6 +67,19 @@ class VEModel:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def vae_shift(self) -> float:
+        """The VAE latents' offset (Flux's; 0 for SD): sampled latents are (raw - shift) * scale."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    def scaled(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (ComfyUI's LATENT convention) -> the latents the sampler denoises."""
+        return (raw - self.vae_shift) * self.vae_scale if self.vae_shift else raw * self.vae_scale
+
+    def unscaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampler's latents -> raw VAE latents (ComfyUI's LATENT convention)."""
+        return latents / self.vae_scale + self.vae_shift if self.vae_shift else latents / self.vae_scale
+
+    @property
     def latent_channels(self) -> int:
         """Channels of the latent being denoised (the VAE's), whatever else the UNet reads."""
         return int(self.vae.config.latent_channels)
@@ -80,6 +97,8 @@ class VEModel:
             return "an InstructPix2Pix instruction model (8-channel UNet: it edits source frames by instruction)"
         if self.backbone.name == "SDXL":
             return "an SDXL text-to-image model (two text encoders, 4-channel UNet)"
+        if self.backbone.name == "Flux":
+            return "a Flux flow-matching model (MMDiT on 16-channel latents, T5 + CLIP)"
         return f"a text-to-image model ({self.unet.config.in_channels}-channel UNet)"
 
     def with_changes(self, **changes) -> "VEModel":
@@ -87,7 +106,7 @@ class VEModel:
 
     def __repr__(self) -> str:  # ComfyUI str()s inputs into error reports: keep it short
         extra = ", instruction" if self.is_instruction else ""
-        extra += ", SDXL" if self.text_encoder_2 is not None else ""
+        extra += f", {self.backbone.name}" if self.text_encoder_2 is not None else ""
         extra += f", {len(self.loras)} LoRA" if self.loras else ""
         return f"VEModel({self.source!r}, {str(self.dtype).removeprefix('torch.')}, {self.device}{extra})"
 
@@ -114,7 +133,8 @@ def is_diffusers_folder(path: str) -> bool:
 # model_index.json's pipeline class -> the family Load Model says it found, for the ones it loads
 FOLDER_FAMILIES = {"StableDiffusionPipeline": "SD-1.5", "StableDiffusionImg2ImgPipeline": "SD-1.5",
                    "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",
-                   "StableDiffusionXLPipeline": "SDXL", "StableDiffusionXLImg2ImgPipeline": "SDXL"}
+                   "StableDiffusionXLPipeline": "SDXL", "StableDiffusionXLImg2ImgPipeline": "SDXL",
+                   "FluxPipeline": "Flux", "FluxImg2ImgPipeline": "Flux"}
 
 
 def _load_diffusers_folder(path: str, torch_dtype: torch.dtype) -> dict:
@@ -136,7 +156,9 @@ def _load_diffusers_folder(path: str, torch_dtype: torch.dtype) -> dict:
     kind = index.get("_class_name", "")
     if kind not in FOLDER_FAMILIES:
         raise ValueError(f"diffusers folder {path!r} holds a {kind or 'pipeline without _class_name'}; Load Model "
-                         "runs SD-1.x, InstructPix2Pix and SDXL (base) folders")
+                         "runs SD-1.x, InstructPix2Pix, SDXL (base) and Flux.1 folders")
+    if FOLDER_FAMILIES[kind] == "Flux":
+        return _load_flux_folder(path, torch_dtype)
     sdxl = FOLDER_FAMILIES.get(kind) == "SDXL"
     if sdxl and not (index.get("text_encoder") and index["text_encoder"][0]):
         raise ValueError(f"diffusers folder {path!r} is an SDXL refiner (one text encoder): load the SDXL base model")
@@ -154,6 +176,35 @@ def _load_diffusers_folder(path: str, torch_dtype: torch.dtype) -> dict:
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(sub("text_encoder_2"), **kw)
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(sub("tokenizer_2"), local_files_only=True)
     return parts
+
+
+def _load_flux_folder(path: str, torch_dtype: torch.dtype) -> dict:
+    """A Flux.1 diffusers folder (transformer, VAE, CLIP + T5 with their tokenizers, scheduler), offline."""
+    import json
+
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    from .flux import FluxNetwork
+
+    def sub(name: str) -> str:
+        folder = os.path.join(path, name)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"Flux folder {path!r} has no {name}/ subfolder")
+        return folder
+
+    with open(os.path.join(sub("scheduler"), "scheduler_config.json"), encoding="utf-8") as f:
+        scheduler_config = json.load(f)
+    kw = dict(torch_dtype=torch_dtype, local_files_only=True)
+    return {
+        "unet": FluxNetwork(FluxTransformer2DModel.from_pretrained(sub("transformer"), **kw)),
+        "vae": AutoencoderKL.from_pretrained(sub("vae"), **kw),
+        "text_encoder": CLIPTextModel.from_pretrained(sub("text_encoder"), **kw),
+        "tokenizer": CLIPTokenizer.from_pretrained(sub("tokenizer"), local_files_only=True),
+        "text_encoder_2": T5EncoderModel.from_pretrained(sub("text_encoder_2"), **kw),
+        "tokenizer_2": AutoTokenizer.from_pretrained(sub("tokenizer_2"), local_files_only=True),
+        "scheduler_config": scheduler_config,
+    }
 
 
 def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Optional[str] = None,
@@ -174,13 +225,18 @@ def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Option
         from .tiny import tiny_sdxl_components
 
         return tiny_sdxl_components()
+    if source == BUILTIN_TINY_FLUX:
+        from .tiny import tiny_flux_components
+
+        return tiny_flux_components()
     if is_diffusers_folder(source):
         return _load_diffusers_folder(source, torch_dtype)
     if os.path.isfile(source) and source.lower().endswith(CHECKPOINT_EXTENSIONS):
-        from .single_file import find_tokenizer_dir, load_single_file
+        from .sdxl_single_file import load_checkpoint_file  # SD-1.x or SDXL base, told apart by the keys
+        from .single_file import find_tokenizer_dir
 
         tok = find_tokenizer_dir(source, tokenizer_dir or None, tuple(tokenizer_candidates))
-        return load_single_file(source, tokenizer_dir=tok, torch_dtype=torch_dtype)
+        return load_checkpoint_file(source, tokenizer_dir=tok, torch_dtype=torch_dtype)
     if os.path.isdir(source):
         raise FileNotFoundError(f"{source!r} is a folder without model_index.json: point at a diffusers model folder")
     raise FileNotFoundError(
@@ -281,7 +337,7 @@ def encode_frames(model: VEModel, frames: torch.Tensor, generators: Optional[Seq
     for start in range(0, frames.shape[0], batch):
         gens = None if generators is None else generators[start:start + batch]
         out.extend(_encode_batch(model, frames[start:start + batch], gens))
-    return torch.cat(out) * model.vae_scale
+    return model.scaled(torch.cat(out))
 
 
 def posterior_generators(seed: int) -> Iterator[torch.Generator]:
@@ -344,7 +400,7 @@ def decode_latent_stream(model: VEModel, latents: torch.Tensor, batch: int = 4, 
     for start in range(0, total, batch):
         chunk = latents[start:start + batch].to(model.device, model.vae.dtype)
         if scaled:
-            chunk = chunk / model.vae_scale
+            chunk = model.unscaled(chunk)
         pixels = model.vae.decode(chunk).sample
         yield ((pixels.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu()
         if progress is not None:

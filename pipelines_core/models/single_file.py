@@ -12,7 +12,8 @@ checkpoint save writes for the model it holds (`model.diffusion_model.*`, `first
 `cond_stage_model.transformer.text_model.*`). What the SD-1.5 configs cannot describe (other families,
 quantised weights) is refused in one line before any conversion. An InstructPix2Pix file is SD-1.5 with an
 8-channel conv_in (noisy latent + source latent): recognised by that weight's shape and loaded with the same
-configs, `in_channels` overridden.
+configs, `in_channels` overridden. SDXL base files are `sdxl_single_file.py`'s (its own shipped configs, this
+module's machinery); its `load_checkpoint_file` reads a file once and routes it to either.
 """
 
 from __future__ import annotations
@@ -180,20 +181,21 @@ def _family(state: dict) -> str | None:
     return None
 
 
-def _check_not_quantised(state: dict, label: str) -> None:
-    """Quantised weights cannot go through the converters: they would load as garbage or fail deep inside."""
+def _check_not_quantised(state: dict, label: str, prefixes: tuple = MODEL_PREFIXES, family: str = "SD-1.5") -> None:
+    """Quantised weights cannot go through the converters: they would load as garbage or fail deep inside.
+    `prefixes`: where the family's converted weights live; `family` names it in the messages."""
     for key, value in state.items():
         marked = any(m in part for part in key.split(".") for m in _QUANT_KEY_MARKERS)
-        if not key.startswith(MODEL_PREFIXES) and not marked:
+        if not key.startswith(prefixes) and not marked:
             continue  # schedule buffers, v_pred/EMA markers, ...: not converted, so not our concern here
         if not isinstance(value, torch.Tensor):
             raise ValueError(
-                f"{label}: '{key}' is a {type(value).__name__}, not a tensor: not a plain SD-1.5 state dict."
+                f"{label}: '{key}' is a {type(value).__name__}, not a tensor: not a plain {family} state dict."
             )
         if type(value) not in (torch.Tensor, torch.nn.Parameter):  # GGUF's GGMLTensor, torchao's quantised tensors
             raise ValueError(
                 f"{label} holds quantised tensors ({type(value).__name__} at '{key}', e.g. GGUF): only plain "
-                "fp32/fp16/bf16 SD-1.5 weights can be converted; load the unquantised checkpoint."
+                f"fp32/fp16/bf16 {family} weights can be converted; load the unquantised checkpoint."
             )
         dtype_name = str(value.dtype).removeprefix("torch.")
         if dtype_name.startswith(("float8", "float4")):
@@ -275,25 +277,26 @@ def unet_overrides(state: dict, unet_config: dict, vae_config: dict) -> dict:
     return {}
 
 
-def _incomplete(label: str, component: str, missing: Sequence[str] = ()) -> ValueError:
+def _incomplete(label: str, component: str, missing: Sequence[str] = (), family: str = "SD-1.5") -> ValueError:
     detail = f" ({len(missing)}, e.g. {missing[0]})" if missing else ""
     return ValueError(
         f"{label} lacks {component} weights{detail}: "
-        "it is not an SD-1.5 checkpoint matching the configs."
+        f"it is not an {family} checkpoint matching the configs."
     )
 
 
-def _load_component(component: str, label: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def _load_component(component: str, label: str, load: Callable[[], torch.nn.Module],
+                    family: str = "SD-1.5") -> torch.nn.Module:
     """Run one converter; weights it did not find stay on the meta device, so report them in one line."""
     try:
         model = load()
     except NotImplementedError as err:  # diffusers moves the half-loaded model off meta and fails there
         if "meta tensor" not in str(err):
             raise
-        raise _incomplete(label, component) from None
+        raise _incomplete(label, component, family=family) from None
     missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if missing:
-        raise _incomplete(label, component, missing)
+        raise _incomplete(label, component, missing, family)
     return model.eval().requires_grad_(False)
 
 
@@ -351,7 +354,7 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def _owned_copy(state: dict, torch_dtype: torch.dtype) -> dict:
+def _owned_copy(state: dict, torch_dtype: torch.dtype, prefixes: tuple = MODEL_PREFIXES) -> dict:
     """The model tensors of `state`, copied to the CPU in `torch_dtype` (floating point only).
 
     The converters put the tensors they are given into the new modules as they are (no copy when the
@@ -362,7 +365,7 @@ def _owned_copy(state: dict, torch_dtype: torch.dtype) -> dict:
     """
     owned = {}
     for key, value in state.items():
-        if key.startswith(MODEL_PREFIXES):
+        if key.startswith(prefixes):
             dtype = torch_dtype if value.is_floating_point() else value.dtype
             owned[key] = value.detach().to(device="cpu", dtype=dtype, copy=True)
     return owned
@@ -452,11 +455,25 @@ def load_single_file(
     config_dir = str(config_dir or SD15_CONFIG_DIR)
     _check_config_dir(config_dir)
     tokenizer_folder = find_tokenizer_dir(path, tokenizer_dir, tokenizer_candidates)  # fail before reading GBs
-    text_config = _read_json(os.path.join(config_dir, "text_encoder", "config.json"))
     state = read_state_dict(path)
+    return components_from_file_state(state, tokenizer_folder, config_dir=config_dir, torch_dtype=torch_dtype,
+                                      label=f"'{os.path.basename(path)}'")
+
+
+def components_from_file_state(
+    state: dict[str, torch.Tensor],
+    tokenizer_folder: str,
+    *,
+    config_dir: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    label: str = "the checkpoint",
+) -> dict:
+    """What `load_single_file` does once the file is read: the tokenizer from `tokenizer_folder`, then
+    `components_from_state_dict` taking the tensors over (a file just read belongs to nobody else)."""
+    config_dir = str(config_dir or SD15_CONFIG_DIR)
+    _check_config_dir(config_dir)
+    text_config = _read_json(os.path.join(config_dir, "text_encoder", "config.json"))
     tokenizer = load_tokenizer(tokenizer_folder, text_config["max_position_embeddings"])
-    # The tensors were just read and belong to nobody else: the modules may take them over without a copy.
     return components_from_state_dict(
-        state, tokenizer, config_dir=config_dir, torch_dtype=torch_dtype,
-        label=f"'{os.path.basename(path)}'", copy_tensors=False,
+        state, tokenizer, config_dir=config_dir, torch_dtype=torch_dtype, label=label, copy_tensors=False,
     )

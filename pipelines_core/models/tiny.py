@@ -196,13 +196,62 @@ def build_tiny_sdxl_components(tokenizer_folder: str, seed: int = TINY_SEED) -> 
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval().requires_grad_(False)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "text_encoder_2": text_encoder_2, "tokenizer_2": CLIPTokenizer.from_pretrained(tokenizer_folder),
+            "text_encoder_2": text_encoder_2, "tokenizer_2": CLIPTokenizer.from_pretrained(tokenizer_folder, pad_token="!"),  # as SDXL's
             "scheduler_config": dict(SDXL_SCHEDULER_CONFIG)}
 
 
 def tiny_sdxl_components() -> dict:
     """The `builtin:tiny-sdxl` components, built fresh: SDXL's layout with random weights, for tests and demos."""
     return build_tiny_sdxl_components(_tokenizer_home())
+
+
+FLUX_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                         "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                         "base_image_seq_len": 256, "max_image_seq_len": 4096}  # Flux-dev's
+
+
+def build_tiny_flux_components(tokenizer_folder: str, seed: int = TINY_SEED) -> dict:
+    """Fresh tiny Flux components: an MMDiT with one double- and one single-stream block on 2x2-packed 16-channel
+    latents, guidance embedding (as Flux-dev), a 16-channel VAE with Flux's scale and shift, CLIP (pooled) and a
+    small T5 encoder, both reading the tiny byte tokenizer (Flux's T5 tokenizer is a SentencePiece one; the
+    encoder only sees ids)."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    from .flux import FluxNetwork
+
+    write_tiny_tokenizer(tokenizer_folder)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
+    bos, eos = tokenizer.convert_tokens_to_ids(_BOS), tokenizer.convert_tokens_to_ids(_EOS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 11)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16 * 4, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        vae = _tiny_flux_vae()
+        text_encoder = _tiny_text_encoder(len(tokenizer), bos, eos)
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64,
+                                                 num_layers=2, num_heads=4, pad_token_id=eos, eos_token_id=eos))
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    return {"unet": FluxNetwork(transformer), "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2, "tokenizer_2": CLIPTokenizer.from_pretrained(tokenizer_folder),
+            "scheduler_config": dict(FLUX_SCHEDULER_CONFIG)}
+
+
+def _tiny_flux_vae():
+    """The tiny VAE's shape with Flux's 16 latent channels, scaling factor and shift."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                         layers_per_block=1, latent_channels=16, norm_num_groups=4, sample_size=64,
+                         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_flux_components() -> dict:
+    """The `builtin:tiny-flux` components, built fresh: Flux's layout with random weights, for tests and demos."""
+    return build_tiny_flux_components(_tokenizer_home())
 
 
 def tiny_components() -> dict:
@@ -260,6 +309,16 @@ def tiny_controlnet(unet, seed: int = TINY_SEED):
         controlnet.conv_in.bias.data.copy_(wide.bias.data)
         controlnet.register_to_config(in_channels=latent)
     return controlnet.eval().requires_grad_(False)
+
+
+def tiny_sdxl_controlnet(unet, seed: int = TINY_SEED):
+    """A ControlNet shaped for the tiny SDXL UNet (`builtin:tiny-sdxl`), random non-zero output convolutions as
+    `tiny_controlnet`'s. `ControlNetModel.from_unet` copies the UNet's added text/time embedding, so the ControlNet
+    reads SDXL's pooled text embedding and size/crop ids as its UNet does (an SDXL ControlNet's layout)."""
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        raise ValueError("tiny_sdxl_controlnet needs an SDXL UNet (text_time added conditioning); "
+                         "use tiny_controlnet for SD-1.5-shaped UNets")
+    return tiny_controlnet(unet, seed)
 
 
 def sd15_random_components(seed: int = TINY_SEED) -> dict:

@@ -179,6 +179,7 @@ def invert_video(
                          "themselves and is not inverted: connect the frames to the Cross-Frame Sampler instead")
     check_invertible(scheduler)
     check_image_batch(frames, "images", multiple_of=8)
+    model.backbone.check_run(None, tuple(frames.shape[1:3]), control, invert=True)
     _check_settings(steps, cfg, chunk_size, attention, record)
     frame_count, height, width = frames.shape[:3]
     if control is not None and len(control):

@@ -46,7 +46,8 @@ def denoise_loop(
         position = first_position + i  # where Euler's sigma table stands at this step
         state = StepState(i, t, total, latents, scheduler=scheduler, position=position, t=values[i])
         latents = fold(hooks.before_model, state, "latents")
-        eps = denoise(scheduler.scale_model_input(latents, t), replace(state, latents=latents))
+        model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        eps = denoise(model_input, replace(state, latents=latents))  # flow matching scales nothing
         if hooks.on_x0:
             x0 = predicted_x0(scheduler_name, scheduler, latents, eps, t, position)
             x0 = fold(hooks.on_x0, replace(state, latents=latents, eps=eps, x0=x0), "x0")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .hooks import Hook, StepState
+from .schedulers import add_noise
 
 SourceAt = Callable[[int], Tensor]  # index of the step just taken -> source latent at the level it moved to
 
@@ -73,7 +74,7 @@ def noised_source(scheduler, clean: Tensor, noise: Tensor, timesteps: Tensor) ->
         if index + 1 >= len(timesteps):
             return clean
         t_next = timesteps[index + 1:index + 2].repeat(clean.shape[0])
-        return scheduler.add_noise(clean, noise, t_next)
+        return add_noise(scheduler, clean, noise, t_next)
 
     return at
 

@@ -16,6 +16,7 @@ import torch
 
 from ..attention import VideoAttnProcessor, attention_processors, get_rule
 from ..attention.attach import is_self_attention
+from ..attention.joint import JointVideoAttnProcessor
 from ..attention.processor import FrameLayout, gathered_kv_bytes
 from ..attention.rules import Rule, own_frame
 from ..models.model import VEModel, encode_text
@@ -37,7 +38,7 @@ def check_attention_memory(model: VEModel, settings: SamplerSettings, frame_coun
     square of the chunk, so a long clip in one chunk is the case this catches before any step. `widest`: the
     rule reading the most frames among the run's processors, where a method sets its own (default: the
     sampler's)."""
-    if available is None:
+    if available is None or model.backbone.joint_attention:  # counted for UNets (Flux's MMDiT: not yet)
         return
     chunk = min(settings.chunk_size, frame_count)
     planned = get_rule(settings.attention)
@@ -94,6 +95,7 @@ def sample_video(
     # 1. Check everything before the first step
     start = resolve_start(start, images, latent, inversion, injection, frame_count, size, control)
     frame_count, size = start.extent()
+    model.backbone.check_run(settings, size, control)
     start.check(settings, model)
     settings.check(frame_count, from_images=start.has_source)
     if injection is not None:
@@ -113,7 +115,7 @@ def sample_video(
 
     # 3. The scheduler and the timesteps the start will run
     scheduler = start.make_scheduler(settings, model)
-    scheduler.set_timesteps(settings.steps, device=model.device)
+    model.backbone.set_timesteps(scheduler, settings.steps, size, model.device)
     timesteps = start.timesteps(scheduler, settings)
 
     # 4. Plan the injection; the denoiser with its chunks, ControlNet and live source branch
@@ -124,8 +126,9 @@ def sample_video(
                                           settings.attention_layers, settings.chunk_size))
     source = SourceBranch(injection.inversion.latents, injection.inversion.prompt_embeds) if plan.source_branch else None
     chunks = plan_chunks(frame_count, settings.chunk_size, settings.attention, settings.chunk_overlap)
-    unet_processor, controlnet_processor = processors(settings, plan)
-    copies = (settings.cfg != 1.0) + 1 + (source is not None)
+    unet_processor, controlnet_processor = processors(settings, plan, model.backbone.joint_attention)
+    cfg, guidance = model.backbone.guidance_split(settings.cfg)  # a distilled model embeds its guidance
+    copies = (cfg != 1.0) + 1 + (source is not None)
     if conditioning is not None:
         copies = 3 if conditioning.guided(settings.cfg) else 1  # InstructPix2Pix: prompt+image, image, neither
     check_attention_memory(model, settings, frame_count, size, free_bytes(model.device), copies,
@@ -134,9 +137,8 @@ def sample_video(
     pooled = {"cond": cond_text.pooled, "uncond": uncond_text.pooled, "image": uncond_text.pooled}
     if source is not None:
         pooled["source"] = injection.inversion.prompt_pooled
-    added = model.backbone.added_conditioning(model, pooled, size)
-    denoiser = VideoDenoiser(model.unet, cond, uncond, settings.cfg, chunks, control, source, batch, conditioning,
-                             added)
+    added = model.backbone.added_conditioning(model, pooled, size, guidance)
+    denoiser = VideoDenoiser(model.unet, cond, uncond, cfg, chunks, control, source, batch, conditioning, added)
 
     # 5. Attach the attention processors (UNet, and ControlNets when asked), begin, and run the loop
     with torch.no_grad(), ExitStack() as stack:
@@ -196,8 +198,8 @@ def chunks_per_call(model: VEModel, chunks: list[Chunk], unet_processor, copies:
     (edits know one chunk per call: frame ids, recorded maps) or when the memory cannot be counted; else as
     many as the free memory's budget and `budget.BATCH_FRAMES` hold at the largest chunk's counted activations
     (`budget.py`)."""
-    if len(chunks) < 2 or not accounting_available():
-        return 1
+    if len(chunks) < 2 or not accounting_available() or model.backbone.joint_attention:
+        return 1  # (the fake-tensor count builds UNets; Flux's calls stay one chunk each)
     installed = {name: unet_processor(name) for name in model.unet.attn_processors}
     if any(processor.edits for processor in installed.values()):
         return 1
@@ -230,15 +232,19 @@ def resolve_start(start, images, latent, inversion, injection, frame_count, size
     return start_from(images, latent, inversion, frame_count, size)
 
 
-def processors(settings: SamplerSettings, plan: InjectionPlan):
+def processors(settings: SamplerSettings, plan: InjectionPlan, joint: bool = False):
     """Attention processor factories for the UNet and for ControlNets: the sampler's cross-frame rule on the
-    self-attention layers it covers, the plan's rule and edits where it has them (UNet layers only)."""
+    self-attention layers it covers, the plan's rule and edits where it has them (UNet layers only). `joint`: the
+    network is an MMDiT (Flux) whose every attention joins text and image tokens; the rule acts on the image
+    tokens of all of them, in every block (its blocks have no encoder/decoder for `attention_layers`)."""
     rule, prefix = get_rule(settings.attention), ATTENTION_LAYERS[settings.attention_layers]
 
     def sampler_rule(name: str):
         return rule if is_self_attention(name) and name.startswith(prefix) else own_frame
 
     def unet_processor(name: str) -> VideoAttnProcessor:
+        if joint:
+            return JointVideoAttnProcessor(plan.rule_for(name) or rule, name)
         chosen = plan.rule_for(name)
         return VideoAttnProcessor(sampler_rule(name) if chosen is None else chosen, name, plan.edits_for(name))
 

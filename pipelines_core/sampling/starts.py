@@ -17,7 +17,7 @@ import torch
 from ..models.model import encode_frames
 from ..video.frames import check_image_batch
 from .masking import SourceAt, inverted_source, noised_source
-from .schedulers import make_scheduler
+from .schedulers import add_noise, make_scheduler
 
 if TYPE_CHECKING:
     from ..models.model import VEModel
@@ -96,9 +96,13 @@ def initial_noise(shape: tuple, settings: "SamplerSettings", generators: Sequenc
 
 
 def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
-    """The tail of the schedule SDEdit re-runs (same arithmetic as diffusers' img2img pipeline)."""
-    init = min(int(steps * strength), steps)
-    start = max(steps - init, 0)
+    """The tail of the schedule SDEdit re-runs (same arithmetic as diffusers' img2img pipeline for the model:
+    Flux's img2img rounds the skipped steps down where SD's rounds the kept ones down)."""
+    if not hasattr(scheduler, "add_noise"):  # flow matching: FluxImg2ImgPipeline.get_timesteps
+        start = int(max(steps - min(steps * strength, steps), 0))
+    else:
+        init = min(int(steps * strength), steps)
+        start = max(steps - init, 0)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * scheduler.order)
     return scheduler.timesteps[start * scheduler.order:]
@@ -122,7 +126,8 @@ class NoiseStart(Start):
     def begin(self, context: StartContext) -> Begun:
         model = context.model
         noise = initial_noise(context.shape, context.settings, context.generators, model.device, model.dtype)
-        return Begun(noise * context.scheduler.init_noise_sigma, context.timesteps)
+        sigma = getattr(context.scheduler, "init_noise_sigma", 1.0)  # flow matching starts from noise itself
+        return Begun(noise * sigma, context.timesteps)
 
 
 # --- SDEdit: images or a latent, partly noised -----------------------------------------------------
@@ -140,7 +145,7 @@ class _SDEdit(Start):
         model, scheduler, settings, timesteps = context.model, context.scheduler, context.settings, context.timesteps
         clean = self.clean(context)
         noise = initial_noise(context.shape, settings, context.generators, model.device, model.dtype)
-        latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(context.shape[0]))
+        latents = add_noise(scheduler, clean, noise, timesteps[:1].repeat(context.shape[0]))
         return Begun(latents, timesteps, source_at=noised_source(scheduler, clean, noise, timesteps))
 
 
@@ -176,12 +181,12 @@ class LatentStart(_SDEdit):
         return self.latent.get("noise_mask")
 
     def check(self, settings, model) -> None:
-        latent_samples(self.latent, model.unet.config.in_channels)
+        latent_samples(self.latent, model.latent_channels)
 
     def clean(self, context: StartContext) -> torch.Tensor:
         model = context.model
         skip_posterior_draws(context.generators, context.shape, model)
-        return latent_samples(self.latent).to(model.device, model.dtype) * model.vae_scale  # ComfyUI latents are unscaled
+        return model.scaled(latent_samples(self.latent).to(model.device, model.dtype))  # ComfyUI latents are unscaled
 
 
 def latent_samples(latent, channels: Optional[int] = None) -> torch.Tensor:
