@@ -15,6 +15,7 @@ from .load_video import VE_LoadVideo
 from .load_video_latents import VE_LoadVideoLatents
 from .lora_apply import VE_LoRAApply
 from .methods import discover
+from .rf_invert import VE_RFInvert
 from .temporal_guidance import VE_TemporalGuidance
 from .tune_on_clip import VE_TuneOnClip
 from .video_encode import VE_VideoEncode
@@ -36,6 +37,7 @@ NODE_CLASS_MAPPINGS = {
     **{method.node_id: method.node for method in METHODS},
     "VE_LoadVideoLatents": VE_LoadVideoLatents,
     "VE_TuneOnClip": VE_TuneOnClip,
+    "VE_RFInvert": VE_RFInvert,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -53,4 +55,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     **{method.node_id: method.display_name for method in METHODS},
     "VE_LoadVideoLatents": "Load Video as Latents (Video Edit)",
     "VE_TuneOnClip": "Tune on Clip (Tune-A-Video)",
+    "VE_RFInvert": "RF-Inversion Invert (Flux)",
 }

@@ -52,6 +52,8 @@ def quick(prompt: dict) -> dict:
             inputs.update(frame_cap=FRAMES, width=WIDTH, height=HEIGHT)
         if "steps" in inputs:
             inputs["steps"] = STEPS
+        if "n_max" in inputs:  # FlowEdit runs the last n_max of the sampler's steps
+            inputs["n_max"] = min(inputs["n_max"], STEPS)
     return out
 
 
@@ -161,6 +163,47 @@ def check_sdedit_crossframe(prompt):
     print(f"\nsdedit: distance to the source latents {near:.3g}, generation from noise {far:.3g}")
     assert near < 0.5 * far, f"SDEdit output is {near:.3g} from the source, generation {far:.3g}"
     return result
+
+
+def check_flux_flowedit(prompt):
+    """FlowEdit on Flux: the edit is the velocity difference of target and source prompts, so with the source
+    prompt and guidance as the target's it vanishes (the output is the encoded clip); cross-frame attention acts
+    causally in both velocity calls."""
+    from comfyui_video_edit.pipelines_core.models.model import encode_frames
+
+    sampler = sampler_id(prompt)
+    edited, result = run(prompt)
+    model = result.outputs[provider(prompt, sampler, "VE_MODEL")][0]
+    assert model.backbone.name == "Flux", f"{model!r} is not a Flux model"
+    flowedit = provider(prompt, sampler, "VE_INJECTION")
+    target = prompt[sampler]["inputs"]
+    same = latents(with_inputs(prompt, flowedit, source_prompt=target["prompt"], source_guidance=target["cfg"]))
+    frames = result.outputs[provider(prompt, flowedit, "IMAGE")][0]
+    with torch.inference_mode():
+        source = model.unscaled(encode_frames(model, frames))
+    kept = float((same - source).abs().max())
+    print(f"\nflowedit: source prompt as target, max |output - clip| {kept:.2e}")
+    assert kept < 1e-4, f"FlowEdit with the target as source moved the clip by {kept:.3g}"
+    differs("flowedit: source prompt -> target", edited, same, 1e-3)
+    plain = latents(with_inputs(prompt, sampler, attention="none"))
+    first_frame_alone("flowedit: attention -> none", edited, plain, 1e-4)
+
+
+def check_flux_rf_inversion_edit(prompt):
+    """RF-Inversion on Flux: with eta 0 the edit is plain sampling from the inversion; the control (eta 0.9)
+    pulls the output towards the clip; gamma pulls the inversion towards noise."""
+    sampler = sampler_id(prompt)
+    edited, result = run(prompt)
+    control = provider(prompt, sampler, "VE_INJECTION")
+    inverter = provider(prompt, control, "VE_INVERSION")
+    inversion = result.outputs[inverter][0]
+    clean = result.outputs[provider(prompt, sampler, "VE_MODEL")][0].unscaled(inversion.clean)
+    free = latents(with_inputs(prompt, control, eta=0.0))
+    differs("rf-inversion: eta -> 0", edited, free, 1e-3)
+    near, far = mad(edited, clean), mad(free, clean)
+    print(f"\nrf-inversion: distance to the clip {near:.3g} with the control, {far:.3g} without")
+    assert near < far, f"the controlled edit is {near:.3g} from the clip, the free one {far:.3g}"
+    differs("rf-inversion: gamma -> 0", edited, latents(with_inputs(prompt, inverter, gamma=0.0)), 1e-3)
 
 
 def check_sdxl_sdedit_crossframe(prompt):
@@ -498,6 +541,8 @@ MECHANISMS = {
     "rerender_edit": check_rerender_edit,
     "sdedit_crossframe": check_sdedit_crossframe,
     "sdxl_sdedit_crossframe": check_sdxl_sdedit_crossframe,
+    "flux_flowedit": check_flux_flowedit,
+    "flux_rf_inversion_edit": check_flux_rf_inversion_edit,
     "text2video_zero_edit": check_text2video_zero_edit,
     "tokenflow_edit": check_tokenflow_edit,
     "tune_a_video_edit": check_tune_a_video_edit,

@@ -73,6 +73,9 @@ def _tokens(tokenizer, prompt: str):
     return tokens
 
 
+FLOW_METHODS = {"flowedit": "FlowEdit", "rf_inversion": "RF-Inversion"}  # methods of flow-matching models
+
+
 class Backbone:
     """One model family's answers to what the sampler asks. Subclasses override what differs."""
 
@@ -114,6 +117,9 @@ class Backbone:
 
     def check_method(self, mode: str) -> None:
         """Refuse, before any step, an injection this family cannot serve, by the method's name."""
+        if mode in FLOW_METHODS:
+            raise ValueError(f"{FLOW_METHODS[mode]} edits with a flow-matching model and {self.name} predicts noise: "
+                             "load a Flux model")
         if mode in self.refused_methods:
             name, why = self.refused_methods[mode]
             raise ValueError(f"{name} does not run on {self.name} models: {why}")
@@ -189,7 +195,7 @@ class FluxBackbone(Backbone):
     refused_methods = {}  # every injection is refused on Flux except its own starts: see `check_method`
 
     def check_method(self, mode: str) -> None:
-        if mode not in ("flowedit", "rf_inversion"):
+        if mode not in FLOW_METHODS:
             raise ValueError(f"{mode} does not run on Flux models: its attention edits are written for UNet layers; "
                              "on Flux use FlowEdit or RF-Inversion, or load an SD-1.5 model")
 

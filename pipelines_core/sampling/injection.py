@@ -72,12 +72,14 @@ Planner = Callable[["Injection", PlanContext], InjectionPlan]
 @dataclass(frozen=True, eq=False)
 class Injection:
     """VE_INJECTION: method `mode` with its `params`, reading `inversion`; `planner(injection, context)` builds
-    the plan of one run."""
+    the plan of one run. `start`: where the run starts, for a method that brings its own (the sampler is then given
+    no other start)."""
 
     mode: str
     inversion: Optional["Inversion"]
     params: MethodParams
     planner: Planner = field(repr=False, default=None)
+    start: Optional[object] = field(repr=False, default=None)  # a start of the method's own (FlowEdit, RF-Inversion)
 
     def plan(self, context: PlanContext) -> InjectionPlan:
         return self.planner(self, context)

@@ -152,6 +152,9 @@ def sample_video(
         if begun.uncond is not None:
             denoiser.uncond = begun.uncond  # null-text inversion's per-step embeddings reproduce the source
         keep = Hooks()
+        if keep_mask is not None and begun.source_at is None:
+            raise ValueError(f"{type(start).__name__} keeps no source at each step's noise level, so a mask cannot "
+                             "keep part of it: disconnect the mask")
         if keep_mask is not None:
             keep = Hooks(after_step=[last(masked_blend_hook(keep_mask, begun.source_at))])  # nothing moves it after
         return denoise_loop(plan.wrap_denoiser(denoiser), begun.latents, scheduler, settings.scheduler, begun.timesteps,
@@ -215,6 +218,12 @@ def resolve_start(start, images, latent, inversion, injection, frame_count, size
     and a run with an injection must start from that very inversion. Generating under a ControlNet without an
     extent takes the hints' frame count and size."""
     read = injection.inversion if injection is not None else None
+    brought = injection.start if injection is not None else None
+    if brought is not None:
+        if start is not None or any(v is not None for v in (images, latent, inversion)):
+            raise ValueError(f"the {injection.mode} injection brings its own start (its source frames): disconnect "
+                             "the sampler's images, latent and inversion")
+        return brought
     if start is not None:
         if any(v is not None for v in (images, latent, inversion)):
             raise ValueError("a start was given and also images, a latent or an inversion: give one start")
