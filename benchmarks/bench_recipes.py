@@ -16,6 +16,7 @@ diffusers edit does not do). Per recipe it prints:
   graph/bare       the whole graph's time (model build, decode, hints, flow, inversion, VAE, ControlNet, encode)
                    over the bare UNet time
   s/frame          the whole graph's wall seconds per frame
+  GFLOP/frame      the recipe's executed network FLOPs (FlopCounterMode) per output frame, over all its steps
   GFLOP/s          achieved: the recipe's UNet FLOPs / their wall time (compare with the matmul peak printed
                    above the table: the best of a few timed large matmuls on the device, same dtype and threads)
 and peak RSS, peak GPU memory (torch.cuda.max_memory_allocated), the bytes the inversion stores and the output's
@@ -61,8 +62,10 @@ def configure(prompt: dict, args) -> dict:
             inputs.update(frame_cap=args.frames, width=args.width, height=args.height)
         elif kind == "VE_LoadModel":
             inputs.update(checkpoint=args.model, device=args.device, dtype=args.dtype)
-        elif kind in ("VE_CrossFrameSampler", "VE_DDIMInvert"):
+        elif kind in ("VE_CrossFrameSampler", "VE_DDIMInvert", "VE_RFInvert"):
             inputs["steps"] = args.steps
+        elif kind == "VE_InjectFlowEdit":  # FlowEdit runs the last n_max of the sampler's steps
+            inputs["n_max"] = min(inputs["n_max"], args.steps)
         elif kind == "VE_ControlNetCondition" and args.model != "builtin:tiny":
             inputs["controlnet"] = args.controlnet or inputs["controlnet"]
     return prompt
@@ -80,6 +83,10 @@ def default_attn_processors(unet) -> dict:
     import torch.nn.functional as F
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    if getattr(unet, "family", None) == "flux":  # Flux's joint attention has one default processor
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        return {key: FluxAttnProcessor() for key in unet.attn_processors}
     processors = {}
     for key in unet.attn_processors:
         layer = unet.get_submodule(key.removesuffix(".processor"))
@@ -135,6 +142,15 @@ def unet_inputs(shape, context_shape, dtype, device, channels_last: bool = False
     return x, torch.tensor(500, device=device), torch.randn(context_shape, device=device, dtype=dtype)
 
 
+def added_inputs(unet, rows: int, dtype, device) -> dict:
+    """What the network reads besides latent, timestep and text (SDXL's pooled text and size ids, Flux's pooled
+    text and guidance), of the right shapes: the replays time the same work the recipe's calls did."""
+    from comfyui_video_edit.pipelines_core.models.backbone import blank_unet_kwargs
+
+    added = blank_unet_kwargs(unet.config, rows, dtype)
+    return {k: {n: (t.to(device) if t is not None else None) for n, t in v.items()} for k, v in added.items()}
+
+
 def matmul_peak(device: str, dtype) -> float:
     """FLOP/s of the best of a few large square matmuls: the device's practical peak for this dtype."""
     import torch
@@ -181,8 +197,9 @@ def prepare_replay(unet, processors, calls, device, args) -> int:
     with torch.inference_mode():
         for (shape, context, dtype), count in counts.items():
             inputs = unet_inputs(shape, context, dtype, device, args.channels_last)
-            runner(unet, args)(*inputs)
-            flops += count_flops(unet, *inputs)[0] * count
+            added = added_inputs(unet, shape[0], dtype, device)
+            runner(unet, args)(*inputs, **added)
+            flops += count_flops(unet, *inputs, **added)[0] * count
     return flops
 
 
@@ -196,9 +213,10 @@ def timed_replay(unet, processors, calls, device, args, clock, sync) -> tuple:
     with torch.inference_mode():
         for shape, context, dtype in calls:
             inputs = unet_inputs(shape, context, dtype, device, args.channels_last)
+            added = added_inputs(unet, shape[0], dtype, device)
             sync()
             c0, w0 = clock(), time.perf_counter()
-            run(*inputs)
+            run(*inputs, **added)
             sync()
             c += clock() - c0
             w += time.perf_counter() - w0
@@ -213,6 +231,7 @@ def run_child(recipe: str, args) -> dict:
 
     from comfyui_video_edit.headless import execute, object_info, ui_to_api
     from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_bridge
+    from comfyui_video_edit.pipelines_core.models.flux import FluxNetwork
     from comfyui_video_edit.pipelines_core.sampling.inversion import clear_inversion_cache
 
     info = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
@@ -222,11 +241,13 @@ def run_child(recipe: str, args) -> dict:
     # CPU: CPU seconds of the process (all threads), which shared-machine load disturbs less than wall time.
     clock = time.perf_counter if cuda else time.process_time
 
-    original_forward = UNet2DConditionModel.forward
+    # The denoiser network's class: a UNet's, or the wrapper a Flux transformer is called through.
+    originals = {cls: cls.forward for cls in (UNet2DConditionModel, FluxNetwork)}
     state = {"counting": True, "flops": 0, "calls": [], "unet": None, "cpu": 0.0, "wall": 0.0, "compiled": {},
              "replaying": False, "instances": set()}
 
     def forward(self, *a, **kw):  # every UNet call of the recipe goes through here
+        original_forward = originals[type(self)]
         if state["replaying"]:  # the bare and peer replays: straight through
             return original_forward(self, *a, **kw)
         state["instances"].add(id(self))
@@ -255,7 +276,8 @@ def run_child(recipe: str, args) -> dict:
         state["wall"] += time.perf_counter() - w0
         return out
 
-    UNet2DConditionModel.forward = forward
+    for cls in originals:
+        cls.forward = forward
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     graph_cpu, graph_wall, unet_cpu, unet_wall, bare_cpu, bare_wall = [], [], [], [], [], []
@@ -293,7 +315,8 @@ def run_child(recipe: str, args) -> dict:
             bare_wall.append(w)
             state["replaying"] = False
     finally:
-        UNet2DConditionModel.forward = original_forward
+        for cls, original in originals.items():
+            cls.forward = original
     gpu_peak = torch.cuda.max_memory_allocated() if cuda else 0
 
     # Temporal consistency: warp error of the sampler's frames under the source clip's DIS flow.
@@ -332,7 +355,7 @@ def run_child(recipe: str, args) -> dict:
     return {
         "recipe": recipe, "unet_calls": len(calls), "reps": args.reps, "unet_instances": len(state["instances"]),
         "graph_wall_med": med(graph_wall), "graph_cpu_min": min(graph_cpu), "graph_cpu_med": med(graph_cpu),
-        "s_per_frame": med(graph_wall) / frames,
+        "s_per_frame": med(graph_wall) / frames, "flops_per_frame": state["flops"] / frames,
         "unet_cpu_min": min(unet_cpu), "unet_cpu_med": med(unet_cpu), "unet_wall_med": med(unet_wall),
         "bare": bare, "peers": peers,
         "time_ratio": med(unet_cpu) / bare["cpu_med"], "time_ratio_min": min(unet_cpu) / bare["cpu_min"],
@@ -474,7 +497,7 @@ def main() -> int:
     print("time = CPU seconds (time.process_time) of the UNet calls" if not args.device.startswith("cuda")
           else "time = synchronised wall seconds of the UNet calls")
     header = (f"{'recipe':22} {'calls':>5} {'UNet s min/med':>15} {'bare s min/med':>15} {'time ratio':>10} "
-              f"{'FLOP ratio':>10} {'overhead':>8} {'graph/bare':>10} {'s/frame':>7} {'GFLOP/s':>7} "
+              f"{'FLOP ratio':>10} {'overhead':>8} {'graph/bare':>10} {'s/frame':>7} {'GFLOP/frame':>11} {'GFLOP/s':>7} "
               f"{'RSS MB':>6} {'GPU MB':>6} {'inv MB':>6} {'warp err':>8}")
     print(header)
     for recipe in args.recipes.split(","):
@@ -492,6 +515,7 @@ def main() -> int:
         print(f"{r['recipe']:22} {r['unet_calls']:5d} {r['unet_cpu_min']:7.2f}/{r['unet_cpu_med']:<7.2f} "
               f"{b['cpu_min']:7.2f}/{b['cpu_med']:<7.2f} {r['time_ratio']:10.2f} {r['flop_ratio']:10.2f} "
               f"{r['overhead']:8.2f} {r['graph_ratio']:10.2f} {r['s_per_frame']:7.2f} "
+              f"{r['flops_per_frame'] / 1e9:11.1f} "
               f"{r['achieved_flops'] / 1e9:7.1f} {r['peak_rss_mb']:6.0f} {r['gpu_peak_mb']:6.0f} "
               f"{r['inversion_mb']:6.2f} {r['warp_error']:8.5f}")
         for name, peer in r["peers"].items():

@@ -2,20 +2,28 @@
 
 No GPU and no SD-1.5 weights are needed: every recipe in workflows/ runs headless once on builtin:tiny over a
 synthetic clip of --frames frames (small pixels, --steps steps), and every UNet and ControlNet call is recorded
-with what decides its memory: its rows, its layout (roles x frames, groups) and, per attention layer, the
-cross-frame rule and whether the call took the explicit-probabilities path (an edit reading them). Chunking makes
-each call's size a function of chunk_size, not of the clip, so the recorded calls are the long clip's calls.
+with what decides its memory: its rows, its latent size (a RAVE grid holds n x n frames), its layout (roles x
+frames, groups) and, per attention layer, the cross-frame rule and whether the call took the
+explicit-probabilities path (an edit reading them). Chunking makes each call's size a function of chunk_size,
+not of the clip, so the recorded calls are the long clip's calls.
 Then each distinct call is counted at --size for SD-1.5's configs (shipped in pipelines_core/models/configs)
 on fake tensors (torch's FakeTensorMode + MemTracker, `pipelines_core/sampling/budget.py`): the activation peak
 of that call. A layer maps from the tiny UNet to SD-1.5 by its place: encoder, middle or decoder, self- or
 cross-attention.
 
-  resident  the weights in fp16: UNet, VAE, text encoder, and one SD-1.5 ControlNet per ControlNet node
+  weights   the weights in fp16: UNet, VAE, text encoder, and one SD-1.5 ControlNet per ControlNet node
   UNet call the largest counted activation peak of one UNet call (+ the ControlNet call beside it)
   VAE       the counted peak of the VAE decoding 4 frames (the pack's batch), the larger of encode/decode
   latents   the per-frame latent buffers the sampler keeps on the device (latents, noise, eps, x0: 8 copies,
             fp32), times the frame count
-  total     resident + max(UNet call, VAE) + latents; compared with --budget-gb
+  total     weights + max(UNet call, VAE) + latents; compared with --budget-gb
+  attn layer  the largest single attention layer of the largest UNet call (in brackets another UNet or
+            ControlNet call's, where larger): the most bytes that layer's forward holds above its inputs at its
+            peak, counted on fake tensors by MemTracker with the layer's rule and path, not its edits
+            (`attention_layer_bytes`): Q, the K and V gathered for the rule's frames, then either SDPA's output
+            and the output projection (the fused kernel keeps no probabilities) or, where an edit reads them,
+            the scores and probabilities (rows x heads x queries x keys, two such tensors at once). Part of the
+            UNet call's peak, not added to it.
 
 What is left out (why the pack spends only a share of what is free): the allocator's fragmentation, the CUDA
 context (~0.5 GB), a LoRA's low-rank branches, token edits that shrink a call (VidToMe, TokenFlow: counted as the
@@ -94,7 +102,9 @@ def record_calls(recipe: str, clip: str, args) -> dict:
             call = AttnCall(name, ".attn1." in name, 1, layout)
             explicit = any(edit.wants_probs(call) for edit in getattr(processor, "edits", ()))
             places.setdefault(place(name, tokens[name]), set()).add(((rule.name if rule else "none"), explicit))
-        key = (type(module).__name__, rows, None if layout is None else (layout.frames, layout.roles, layout.groups),
+        # The latent size too: a call's rows need not be frames of the clip's size (RAVE's grids are n x n frames).
+        key = (type(module).__name__, rows, tuple(sample.shape[-2:]),
+               None if layout is None else (layout.frames, layout.roles, layout.groups),
                tuple(sorted((p, tuple(sorted(v))) for p, v in places.items())))
         calls[key] = calls.get(key, 0) + 1
 
@@ -162,6 +172,63 @@ def rules_for(places: dict, sd_tokens: dict) -> tuple:
     return rules, frozenset(explicit)
 
 
+def attention_layer_bytes(attn, rows: int, tokens: int, layout, rule, explicit: bool, dtype,
+                          text_tokens: int = 77) -> int:
+    """The most bytes one forward of attention module `attn` adds above what it is given (its input, the text
+    context), counted on fake tensors (call inside `fake_tensors()`) by torch's MemTracker: the module's peak
+    less what was held when it was entered. `rows` x `tokens` queries laid out as `layout`, self-attention
+    keys/values from the frames `rule` picks; `explicit`: on the explicit softmax path, as where an edit reads
+    the probabilities. At its peak it holds Q and the gathered K and V (its own K and V where the rule gathers
+    nothing), then SDPA's output and the output projection on the fused path, or the scores and the
+    probabilities (rows x heads x queries x keys) at once on the explicit one."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
+
+    from comfyui_video_edit.pipelines_core.attention.processor import VideoAttnProcessor
+    from comfyui_video_edit.pipelines_core.attention.rules import placed_index
+    from comfyui_video_edit.pipelines_core.sampling.budget import ExplicitProbabilities
+
+    placed_index.cache_clear()  # so every count holds the rule's index table, not only the first of a shape
+    before = attn.processor
+    attn.set_processor(VideoAttnProcessor(rule, "counted", (ExplicitProbabilities(),) if explicit else ()))
+    tracker = MemTracker()
+    tracker.track_external(attn)
+    try:
+        with tracker, torch.no_grad():
+            # Made under the tracker, so the inputs are counted before the layer is entered: a view the layer
+            # takes of an input it was given from outside would otherwise count the input as the layer's own.
+            hidden = torch.empty(rows, tokens, attn.to_q.in_features, dtype=dtype)
+            context = (torch.empty(rows, text_tokens, attn.to_k.in_features, dtype=dtype)
+                       if attn.is_cross_attention else None)
+            attn(hidden, encoder_hidden_states=context, layout=layout)
+    finally:
+        attn.set_processor(before)
+    stats = tracker.memory_tracking[attn]
+    entered = stats.snapshots[_ModState.PRE_FW][-1]
+    return int(sum(stats.local_peak.values()) - sum(snap["Total"] for snap in entered.values()))
+
+
+def largest_attention_layer(model, layout, latent_size: tuple, rules: dict, explicit: frozenset, dtype,
+                            counted: dict) -> tuple:
+    """(bytes, layer name) of the attention layer of `model` whose forward holds the most
+    (`attention_layer_bytes`) in one call laid out as `layout`; `counted` caches layers of the same shape."""
+    from comfyui_video_edit.pipelines_core.attention.store import attention_layers
+
+    rows = len(layout.roles or ("cond",)) * layout.frames
+    best = (0, "")
+    for layer in attention_layers(model, latent_size[0] * 8, latent_size[1] * 8):
+        attn = model.get_submodule(layer.name.removesuffix(".processor"))
+        rule, on_explicit = rules[layer.name], layer.name in explicit
+        key = (attn.to_q.in_features, attn.to_k.in_features, attn.heads, layer.tokens, rule.name, on_explicit,
+               layout.frames, len(layout.roles or ("cond",)), layout.groups)
+        if key not in counted:
+            counted[key] = attention_layer_bytes(attn, rows, layer.tokens, layout, rule, on_explicit, dtype)
+        if counted[key] > best[0]:  # the first of equal layers: the encoder's before the decoder's
+            block = layer.name.split(".attentions.")[0]
+            best = (counted[key], f"{block} {'attn1' if layer.is_self else 'attn2'}, {layer.tokens} tokens")
+    return best
+
+
 def count(recorded: dict, args) -> dict:
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -178,7 +245,6 @@ def count(recorded: dict, args) -> dict:
         if recorded["controlnets"]:
             cn = sd15("controlnet", dtype)
             controlnet_bytes = parameter_bytes(cn) * recorded["controlnets"]
-        sd_tokens = layer_tokens(unet, h, w)
         vae_peak = 0
         for decode in (True, False):
             tracker = MemTracker()
@@ -189,30 +255,51 @@ def count(recorded: dict, args) -> dict:
                 else:
                     vae.encode(torch.empty(4, 3, args.size, args.size, dtype=dtype))
             vae_peak = max(vae_peak, activation_peak(tracker.get_tracker_snapshot("peak")))
-        unet_peak, worst = 0, None
-        for (kind, rows, layout, places), n in recorded["calls"].items():
+        unet_peak, worst, worst_layer, any_layer, counted = 0, None, (0, ""), (0, ""), {}
+        for (kind, rows, (tiny_h, tiny_w), layout, places), n in recorded["calls"].items():
             places = {p: set(v) for p, v in places}
             frames, roles, groups = layout if layout else (rows, ("cond",), 1)
+            # The call's latent size at --size: the recording's, scaled as the frames are (a grid stays n x n).
+            size = (round(tiny_h * args.size / args.tiny_height), round(tiny_w * args.size / args.tiny_width))
+            model = cn if kind == "ControlNetModel" else unet
+            rules, explicit = rules_for(places, layer_tokens(model, *size))
+            layer = largest_attention_layer(model, FrameLayout(frames, (), roles, groups=groups), size, rules,
+                                            explicit, dtype, counted.setdefault(kind, {}))
+            any_layer = max(any_layer, layer)
             if kind == "ControlNetModel":
                 tracker = MemTracker()
                 tracker.track_external(cn)
                 with tracker, torch.no_grad():
-                    cn(torch.empty(rows, 4, h, w, dtype=dtype), 999,
+                    cn(torch.empty(rows, 4, *size, dtype=dtype), 999,
                        encoder_hidden_states=torch.empty(rows, 77, 768, dtype=dtype),
-                       controlnet_cond=torch.empty(rows, 3, args.size, args.size, dtype=dtype), return_dict=False)
-                controlnet_call[rows] = activation_peak(tracker.get_tracker_snapshot("peak"))
+                       controlnet_cond=torch.empty(rows, 3, size[0] * 8, size[1] * 8, dtype=dtype),
+                       return_dict=False)
+                controlnet_call[rows, size] = activation_peak(tracker.get_tracker_snapshot("peak"))
                 continue
-            rules, explicit = rules_for(places, sd_tokens)
-            peak = unet_call_bytes(unet, FrameLayout(frames, (), roles, groups=groups), (h, w), rules,
+            peak = unet_call_bytes(unet, FrameLayout(frames, (), roles, groups=groups), size, rules,
                                    probabilities=explicit)
             if peak > unet_peak:
-                unet_peak, worst = peak, (rows, frames, roles, groups, sorted(explicit) != [])
+                widest = max((r for name, r in rules.items() if ".attn1." in name), key=lambda r: r(16).shape[1])
+                unet_peak, worst, worst_layer = peak, (rows, frames, roles, groups, sorted(explicit) != [],
+                                                       widest.name, size != (h, w) and size), layer
     call = unet_peak + max(controlnet_call.values(), default=0)
     latents = 8 * args.frames * 4 * h * w * 4
     total = resident + controlnet_bytes + max(call, vae_peak) + latents
     return {"resident": resident + controlnet_bytes, "unet_call": unet_peak, "controlnet_call":
             max(controlnet_call.values(), default=0), "vae": vae_peak, "latents": latents, "total": total,
-            "worst": worst}
+            "worst": worst, "attn_layer": worst_layer, "attn_layer_any": any_layer}
+
+
+def describe(figures: dict) -> str:
+    """The largest UNet call and its largest attention layer, in words; another call's layer if it is larger."""
+    rows, frames, roles, groups, explicit, widest, size = figures["worst"]
+    text = f"{rows} ({frames} x {','.join(roles)})" + (f" in {groups} groups" if groups > 1 else "")
+    text += f" of {size[0] * 8}x{size[1] * 8} px" if size else ""
+    text += f", {widest}" + (", probabilities read" if explicit else "") + f"; {figures['attn_layer'][1]}"
+    size, name = figures["attn_layer_any"]
+    if size > figures["attn_layer"][0]:
+        text += f" [{size / GIB:.2f} {name}]"
+    return text
 
 
 def main() -> int:
@@ -240,8 +327,9 @@ def main() -> int:
     torch.set_num_threads(1)
     print(f"SD-1.5 fp16, {args.frames} frames at {args.size}x{args.size}: computed on fake tensors (not measured), "
           f"calls recorded over {args.record_frames} frames; GiB")
-    print(f"{'recipe':24} {'resident':>8} {'UNet call':>9} {'CN call':>7} {'VAE':>5} {'latents':>7} {'total':>6}  "
-          f"fits {args.budget_gb:g} GB   largest call (rows, frames, roles, groups, explicit probs)")
+    print(f"{'recipe':22} {'weights':>7}  {'UNet call':>9}  {'CN call':>7}  {'VAE':>5}  {'latents':>7}  {'total':>6}  "
+          f"{'fits':>4}  {'attn layer':>10}  largest call: rows (frames x roles), widest rule; its largest attention "
+          f"layer [another call's, if larger]")
     failed = 0
     with tempfile.TemporaryDirectory() as folder:
         clip = write_sweep_clip(args.record_frames, args.tiny_width, args.tiny_height, folder)
@@ -249,10 +337,11 @@ def main() -> int:
             figures = count(record_calls(recipe, clip, args), args)
             fits = figures["total"] <= args.budget_gb * 1e9
             failed += not fits
-            print(f"{recipe:24} {figures['resident'] / GIB:8.2f} {figures['unet_call'] / GIB:9.2f} "
-                  f"{figures['controlnet_call'] / GIB:7.2f} {figures['vae'] / GIB:5.2f} "
-                  f"{figures['latents'] / GIB:7.2f} {figures['total'] / GIB:6.2f}  {'yes' if fits else 'NO':>4}"
-                  f"            {figures['worst']}", flush=True)
+            cn_call = f"{figures['controlnet_call'] / GIB:7.2f}" if figures["controlnet_call"] else f"{'-':>7}"
+            print(f"{recipe:22} {figures['resident'] / GIB:7.2f}  {figures['unet_call'] / GIB:9.2f}  {cn_call}  "
+                  f"{figures['vae'] / GIB:5.2f}  {figures['latents'] / GIB:7.2f}  {figures['total'] / GIB:6.2f}  "
+                  f"{'yes' if fits else 'NO':>4}  {figures['attn_layer'][0] / GIB:10.2f}  {describe(figures)}",
+                  flush=True)
     return 1 if failed else 0
 
 

@@ -163,6 +163,24 @@ def comfy_tokenizer_dirs() -> list[str]:
     return [comfy.sd1_clip.SDTokenizer().tokenizer.name_or_path]
 
 
+def flux_part_dirs() -> list[str]:
+    """ComfyUI's folders for a Flux transformer's other files: models/vae, then models/text_encoders (and the legacy
+    models/clip it also lists); [] headless."""
+    env = _comfy()
+    if env is None:
+        return []
+    return [*env[1].get_folder_paths("vae"), *env[1].get_folder_paths("text_encoders")]
+
+
+def comfy_t5_tokenizer_dirs() -> list[str]:
+    """ComfyUI's T5 tokenizer folder, where its Flux tokenizer (comfy.text_encoders.flux) reads it; [] headless."""
+    if _comfy() is None:
+        return []
+    import comfy.text_encoders.flux
+
+    return [os.path.join(os.path.dirname(os.path.realpath(comfy.text_encoders.flux.__file__)), "t5_tokenizer")]
+
+
 # --- ComfyUI's model manager --------------------------------------------------------------------
 
 def _container(modules):

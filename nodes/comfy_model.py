@@ -3,8 +3,15 @@
 The weights are read the way ComfyUI's own checkpoint save reads them (comfy.sd.save_checkpoint): the
 patchers are loaded with `force_patch_weights=True`, so every LoRA / merge patch is baked into the weights
 (also in low-VRAM mode, where ComfyUI otherwise applies patches on the fly during the forward pass), then
-`model.model.state_dict_for_saving(clip_sd, vae_sd)` gives one state dict in the original SD-1.x checkpoint
-layout. pipelines_core converts that exactly as it converts a file, into weights of its own.
+`model.model.state_dict_for_saving(clip_sd, vae_sd)` gives one state dict in the original checkpoint layout of
+the family: SD-1.x's, or SDXL base's (`conditioner.embedders.0.transformer.*` for CLIP-L,
+`conditioner.embedders.1.model.*` for OpenCLIP bigG in OpenCLIP's names). pipelines_core converts that exactly as
+it converts a file of that family, into weights of its own.
+
+Tokenizers: ComfyUI's CLIP-L tokenizer object is handed over as it is. SDXL's second tokenizer pads with "!"
+(id 0), as diffusers' SDXL `tokenizer_2` and ComfyUI's own clip_g tokenizer do; ComfyUI does that padding in its
+wrapper, while the transformers tokenizer inside pads with the end token, so a copy of it padding with "!" is
+handed over instead (ComfyUI's object is not changed).
 
 What this leaves in ComfyUI is what a KSampler run leaves: the MODEL's and CLIP's patchers are ComfyUI's
 "currently loaded" models, their shared torch modules hold the patched weights, and ComfyUI keeps the
@@ -17,12 +24,44 @@ ComfyUI's modules are imported inside the function only: the pack also runs head
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 from . import comfy_bridge
 from ..pipelines_core.models.model import DEVICES, DTYPES, model_from_state_dict
+from ..pipelines_core.models.sdxl_single_file import SECOND_PAD_TOKEN
 
-# ComfyUI's supported-model classes we convert: plain SD-1.x (SD15 covers 1.4/1.5 and their fine-tunes).
-# Subclasses such as SD15_instructpix2pix have other inputs, so the match is on the exact class name.
-SD1_MODEL_CONFIGS = ("SD15",)
+
+@dataclass(frozen=True)
+class _Family:
+    """What a convertible ComfyUI model family's CLIP is, and which CLIP layer its denoiser reads."""
+
+    name: str  # in messages
+    text_model: str  # ComfyUI's class of clip.cond_stage_model
+    tokenizers: tuple  # attributes of clip.tokenizer
+    plain_layers: tuple  # clip.layer_idx values that read the layer the pack's encoder reads
+    layer_said: str  # that layer, in words
+
+
+# ComfyUI's supported-model classes we convert, by exact class name: subclasses (SD15_instructpix2pix, the SDXL
+# refiner, SSD-1B, Segmind Vega, KOALA, SDXL_instructpix2pix, ...) have other inputs or other UNet shapes.
+# SD15 covers 1.4/1.5 and their fine-tunes. SDXL's CLIP reads the penultimate layer of both encoders by default
+# (ComfyUI: clip.layer_idx None; CLIP Set Last Layer -2 selects that same layer), as diffusers' SDXL pipeline does.
+FAMILIES = {
+    "SD15": _Family("SD-1.x", "SD1ClipModel", ("clip_l",), (None, -1), "CLIP's last layer"),
+    "SDXL": _Family("SDXL base", "SDXLClipModel", ("clip_l", "clip_g"), (None, -2),
+                    "the penultimate layer of both text encoders"),
+}
+# ComfyUI's names for families people connect by mistake, said in words.
+OTHER_FAMILIES = {
+    "SDXLRefiner": "the SDXL refiner (it only finishes SDXL base's images)",
+    "SD20": "SD-2.x", "SD21UnclipL": "SD-2.x unCLIP", "SD21UnclipH": "SD-2.x unCLIP",
+    "SD3": "Stable Diffusion 3", "Flux": "Flux.1", "FluxSchnell": "Flux.1 schnell",
+    "SSD1B": "SSD-1B (a distilled SDXL with another UNet)", "Segmind_Vega": "Segmind Vega (a distilled SDXL)",
+    "KOALA_700M": "KOALA (a distilled SDXL)", "KOALA_1B": "KOALA (a distilled SDXL)",
+    "SD15_instructpix2pix": "InstructPix2Pix", "SDXL_instructpix2pix": "SDXL InstructPix2Pix",
+    "FluxInpaint": "Flux.1 Fill", "Chroma": "Chroma (a Flux variant)", "SVD_img2vid": "Stable Video Diffusion",
+}
 
 
 def _extras(patcher) -> list[str]:
@@ -56,71 +95,109 @@ def _refuse_extras(what: str, patcher) -> None:
         )
 
 
-def comfy_checkpoint_state(model, clip, vae) -> tuple[dict, object, str]:
-    """(state dict in the original SD-1.x checkpoint layout with all weight patches baked in, the CLIP
-    tokenizer, a source name) from ComfyUI's MODEL, CLIP and VAE. Refuses non-SD-1.x inputs by name."""
-    import comfy.model_management  # only ever called inside ComfyUI
+def _family_of(model, clip, vae) -> tuple[str, _Family]:
+    """ComfyUI's class name of the MODEL's family and what we know of it; refuses, in one line each, a family we
+    do not convert, a CLIP or VAE of another family, a clip skip and a prediction type the configs cannot run."""
+    import comfy.model_base  # only ever called inside ComfyUI
 
-    family = type(model.model.model_config).__name__
-    if family not in SD1_MODEL_CONFIGS:
+    name = type(model.model.model_config).__name__
+    family = FAMILIES.get(name)
+    if family is None:
+        said = f"{OTHER_FAMILIES[name]}, ComfyUI's '{name}'" if name in OTHER_FAMILIES else f"ComfyUI's '{name}'"
         raise ValueError(
-            f"Use ComfyUI Model: the MODEL is ComfyUI's '{family}', not SD-1.x ({', '.join(SD1_MODEL_CONFIGS)}): "
-            "the video sampler runs SD-1.5-class models only."
+            f"Use ComfyUI Model: the MODEL is {said}, not SD-1.x or SDXL base ({', '.join(FAMILIES)}): "
+            "the video sampler converts SD-1.5-class and SDXL base models only; connect one of those."
+        )
+    # Playground v2.5 (EDM) and v-prediction fine-tunes keep the family's class; the shipped scheduler configs
+    # predict noise. (A v-prediction model's saved state would say so with a 'v_pred' key; EDM's says nothing.)
+    model_type = getattr(model.model, "model_type", comfy.model_base.ModelType.EPS)
+    if model_type != comfy.model_base.ModelType.EPS:
+        raise ValueError(
+            f"Use ComfyUI Model: the MODEL is {family.name} with '{model_type.name}' prediction (Playground v2.5 is "
+            "EDM, some fine-tunes V_PREDICTION); the video sampler runs epsilon-prediction models only: connect an "
+            "epsilon-prediction checkpoint."
         )
     text_model = type(clip.cond_stage_model).__name__
-    if text_model != "SD1ClipModel" or not hasattr(clip.tokenizer, "clip_l"):
+    if text_model != family.text_model or not all(hasattr(clip.tokenizer, t) for t in family.tokenizers):
         raise ValueError(
-            f"Use ComfyUI Model: the CLIP is '{text_model}', not SD-1.x's CLIP-L (SD1ClipModel): connect the CLIP "
-            "of the same SD-1.5 checkpoint."
+            f"Use ComfyUI Model: the CLIP is '{text_model}', not {family.name}'s ({family.text_model}): connect the "
+            f"CLIP of the same {family.name} checkpoint as the MODEL."
         )
-    if clip.layer_idx not in (None, -1):  # -1 is the last layer, i.e. no clip skip
+    if clip.layer_idx not in family.plain_layers:
+        plain = " or ".join(str(v) for v in family.plain_layers if v is not None)
         raise ValueError(
-            f"Use ComfyUI Model: CLIP Set Last Layer ({clip.layer_idx}) is not supported: the video sampler uses "
-            "CLIP's last layer; remove that node (or set -1) on this branch."
+            f"Use ComfyUI Model: CLIP Set Last Layer ({clip.layer_idx}) is not supported: the video sampler reads "
+            f"{family.layer_said} of {family.name}; remove that node (or set {plain}) on this branch."
         )
     autoencoder = type(vae.first_stage_model).__name__
     if autoencoder != "AutoencoderKL" or vae.latent_channels != 4:
         raise ValueError(
             f"Use ComfyUI Model: the VAE is '{autoencoder}' with {vae.latent_channels} latent channels, "
-            "not SD-1.x's KL autoencoder with 4: connect an SD-1.5 VAE."
+            f"not {family.name}'s KL autoencoder with 4: connect the {family.name} checkpoint's VAE."
         )
+    return name, family
+
+
+def _second_tokenizer(clip):
+    """SDXL's tokenizer_2: a copy of ComfyUI's clip_g tokenizer padding with "!" (see the module docstring)."""
+    tokenizer = copy.deepcopy(clip.tokenizer.clip_g.tokenizer)
+    if SECOND_PAD_TOKEN not in tokenizer.get_vocab():  # else transformers would add it as a new, untrained token
+        raise ValueError(
+            f"Use ComfyUI Model: the CLIP's clip_g tokenizer has no '{SECOND_PAD_TOKEN}' token, which SDXL's second "
+            "tokenizer pads with: connect the CLIP of an SDXL base checkpoint (CLIP's own vocabulary)."
+        )
+    tokenizer.pad_token = SECOND_PAD_TOKEN
+    return tokenizer
+
+
+def comfy_checkpoint_state(model, clip, vae) -> tuple[dict, object, object, str]:
+    """(state dict in the original SD-1.x or SDXL base checkpoint layout with all weight patches baked in, the
+    CLIP(-L) tokenizer, SDXL's second tokenizer padding with "!" (None for SD-1.x), a source name) from ComfyUI's
+    MODEL, CLIP and VAE. Refuses other families, mismatched parts and clip skips by name."""
+    import comfy.model_management  # only ever called inside ComfyUI
+
+    name, family = _family_of(model, clip, vae)
     _refuse_extras("MODEL", model)
     _refuse_extras("CLIP", clip.patcher)
+    tokenizer_2 = _second_tokenizer(clip) if "clip_g" in family.tokenizers else None
 
     # As comfy.sd.save_checkpoint: load both patchers with their patches written into the weights, then
     # read the state dicts (after loading: patching replaces the parameter tensors).
     comfy.model_management.load_models_gpu([model, clip.patcher], force_patch_weights=True)
     state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
     patched = len(model.patches) + len(clip.patcher.patches)
-    source = f"comfyui:{family}" + (f"+{patched} patched weights" if patched else "")
-    return state, clip.tokenizer.clip_l.tokenizer, source
+    source = f"comfyui:{name}" + (f"+{patched} patched weights" if patched else "")
+    return state, clip.tokenizer.clip_l.tokenizer, tokenizer_2, source
 
 
 class VE_FromComfyModel:
     DESCRIPTION = (
-        "Use the SD-1.5 model a ComfyUI graph loaded (Load Checkpoint, then LoRA loaders / model merges) for video "
-        "editing, with every weight patch baked in and without reading the file again. Costs one more copy of the "
-        "weights in the chosen dtype (SD-1.5: about 4 GiB in fp32, 2 GiB in fp16/bf16) and the time to copy them "
-        "(measured 3-13 s on a shared 2-core CPU, plus about 7 s the first time diffusers' converters load); "
+        "Use the SD-1.x or SDXL base model a ComfyUI graph loaded (Load Checkpoint, then LoRA loaders / model merges) "
+        "for video editing, with every weight patch baked in and without reading the file again. Costs one more "
+        "copy of the weights in the chosen dtype (SD-1.5: about 4 GiB in fp32, 2 GiB in fp16/bf16; SDXL: about "
+        "13 GiB in fp32, 6.5 GiB in fp16/bf16) and the time to copy them (SD-1.5: measured 3-13 s on a shared 2-core "
+        "CPU, plus about 7 s the first time diffusers' converters load; SDXL copies about 3.5 times as much); "
         "ComfyUI keeps its own copy for its other nodes. Weights come in the precision ComfyUI holds them (its text "
-        "encoder is fp16 unless ComfyUI runs with --fp32-text-enc): fp32 here restores nothing. Only weight patches "
-        "carry over: sampling-time patches (FreeU, IPAdapter, ...) and CLIP Set Last Layer are refused."
+        "encoders are fp16 unless ComfyUI runs with --fp32-text-enc): fp32 here restores nothing. Only weight "
+        "patches carry over: sampling-time patches (FreeU, IPAdapter, ...) are refused, and so is a CLIP Set Last "
+        "Layer other than the family's own (SD-1.x: -1, the last layer; SDXL: -2, the penultimate)."
     )
     CATEGORY = "video edit/models"
     RETURN_TYPES = ("VE_MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("UNet, VAE, text encoder and tokenizer with ComfyUI's patches baked in, on the chosen device.",)
+    OUTPUT_TOOLTIPS = ("UNet, VAE, text encoder(s) and tokenizer(s) (SDXL: both) with ComfyUI's patches baked in, on "
+                       "the chosen device.",)
     FUNCTION = "convert"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD-1.5 MODEL from Load Checkpoint (after LoRA loaders or model "
-                                               "merges: their patches are baked in)."}),
-                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint (its LoRA patches too); its tokenizer "
-                                             "is used as well."}),
-                "vae": ("VAE", {"tooltip": "An SD-1.5 VAE (the checkpoint's, or one from Load VAE)."}),
+                "model": ("MODEL", {"tooltip": "An SD-1.x or SDXL base MODEL from Load Checkpoint (after LoRA "
+                                               "loaders or model merges: their patches are baked in)."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint (its LoRA patches too; SDXL: both "
+                                             "text encoders); its tokenizers are used as well."}),
+                "vae": ("VAE", {"tooltip": "The same family's VAE (the checkpoint's, or one from Load VAE)."}),
                 "dtype": (list(DTYPES), {
                     "default": "fp32",
                     "tooltip": "Weights precision: fp16/bf16 halve memory on a GPU; use fp32 on a CPU.",
@@ -138,9 +215,10 @@ class VE_FromComfyModel:
         }
 
     def convert(self, model, clip, vae, dtype, device, keep_loaded=False):
-        state, tokenizer, source = comfy_checkpoint_state(model, clip, vae)
+        state, tokenizer, tokenizer_2, source = comfy_checkpoint_state(model, clip, vae)
         converted = model_from_state_dict(state, tokenizer, dtype=dtype, device=comfy_bridge.device_choice(device),
-                                          source=source)
+                                          source=source, tokenizer_2=tokenizer_2)
         if not keep_loaded:
-            comfy_bridge.manage_memory([converted.unet, converted.vae, converted.text_encoder], converted.device)
+            modules = [converted.unet, converted.vae, converted.text_encoder, converted.text_encoder_2]
+            comfy_bridge.manage_memory([m for m in modules if m is not None], converted.device)
         return (converted,)

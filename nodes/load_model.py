@@ -14,13 +14,15 @@ log = logging.getLogger(__name__)
 
 
 def model_choices() -> list[str]:
-    return list(BUILTINS) + comfy_bridge.model_files("checkpoints") + sorted(comfy_bridge.diffusers_folders())
+    return (list(BUILTINS) + comfy_bridge.model_files("checkpoints") + sorted(comfy_bridge.diffusers_folders())
+            + comfy_bridge.model_files("diffusion_models"))  # FLUX.1 transformers live there
 
 
 def resolve_model(name: str) -> str:
     if name in BUILTINS:
         return name
-    found = comfy_bridge.model_path("checkpoints", name) or comfy_bridge.diffusers_folders().get(name)
+    found = (comfy_bridge.model_path("checkpoints", name) or comfy_bridge.diffusers_folders().get(name)
+             or comfy_bridge.model_path("diffusion_models", name))
     if found:
         return found
     path = os.path.expanduser(name)
@@ -33,11 +35,13 @@ def resolve_model(name: str) -> str:
 
 class VE_LoadModel:
     DESCRIPTION = (
-        "Load a Stable Diffusion 1.5-class or SDXL model for video editing: a checkpoint from ComfyUI's checkpoints "
-        "folder, a diffusers folder, a path, or builtin:tiny (random weights, for trying graphs; not a real edit). "
-        "The family is read from the weights and said in the log. InstructPix2Pix models (8-channel UNet; "
-        "builtin:tiny-ip2p for trying) edit by instruction; SDXL (builtin:tiny-sdxl for trying) runs the sampler's "
-        "own mechanisms, RAVE and Fairy, and refuses by name the methods tied to SD-1.5's layers."
+        "Load an SD-1.5-class, SDXL or FLUX.1 model for video editing: a checkpoint from ComfyUI's checkpoints "
+        "folder, a diffusers folder, a FLUX.1 transformer from models/diffusion_models (its ae, clip_l and t5xxl "
+        "files are found in models/vae and models/text_encoders), a path, or a builtin (random weights, for trying "
+        "graphs; not a real edit). The family is read from the weights and said in the log. InstructPix2Pix models "
+        "(8-channel UNet; builtin:tiny-ip2p) edit by instruction; SDXL (builtin:tiny-sdxl) runs the sampler's own "
+        "mechanisms, ControlNet, LoRA, RAVE and Fairy; Flux (builtin:tiny-flux) runs the sampler, FlowEdit and "
+        "RF-Inversion. Methods a family cannot serve are refused by name before any step."
     )
     CATEGORY = "video edit/models"
     RETURN_TYPES = ("VE_MODEL",)
@@ -50,8 +54,8 @@ class VE_LoadModel:
         return {
             "required": {
                 "checkpoint": (model_choices(), {
-                    "tooltip": "A .safetensors SD-1.5 checkpoint, a diffusers folder (models/diffusers), a path, "
-                               "or builtin:tiny.",
+                    "tooltip": "An SD-1.5 or SDXL .safetensors checkpoint, a FLUX.1 transformer file, a diffusers "
+                               "folder (models/diffusers), a path, or a builtin (builtin:tiny, -sdxl, -flux).",
                 }),
                 "dtype": (list(DTYPES), {"default": "fp32",
                                          "tooltip": "Weights precision: fp16/bf16 halve memory on a GPU; use fp32 on a CPU."}),
@@ -60,7 +64,7 @@ class VE_LoadModel:
             },
             "optional": {
                 "tokenizer": ("STRING", {"default": "",
-                                         "tooltip": "Folder with SD-1.5's CLIP tokenizer (vocab.json, merges.txt) for a "
+                                         "tooltip": "Folder with CLIP's tokenizer (vocab.json, merges.txt) for a "
                                                     "single-file checkpoint; empty = next to the checkpoint or ComfyUI's own."}),
                 "keep_loaded": ("BOOLEAN", {"default": False,
                                             "tooltip": "Inside ComfyUI: off = ComfyUI's model manager moves this model "
@@ -88,9 +92,12 @@ class VE_LoadModel:
         source = resolve_model(checkpoint)
         # Only a single file lacks a tokenizer of its own; asking ComfyUI for one costs a tokenizer load.
         fallback = comfy_bridge.comfy_tokenizer_dirs() if os.path.isfile(source) and not tokenizer else []
+        single = os.path.isfile(source)
         model = load_model(
             source, dtype=dtype, device=comfy_bridge.device_choice(device),
             tokenizer_dir=tokenizer or None, tokenizer_candidates=fallback,
+            flux_search_dirs=comfy_bridge.flux_part_dirs() if single else (),
+            t5_tokenizer_candidates=comfy_bridge.comfy_t5_tokenizer_dirs() if single else (),
         )
         log.info("Load Model: %s is %s", checkpoint, model.kind)  # say which recipe the sampler will run
         if not keep_loaded:

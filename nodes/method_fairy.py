@@ -42,4 +42,5 @@ METHOD = MethodNode(
                 "https://arxiv.org/abs/2312.13834"),
     mechanism="self-attention keys/values of a few anchor frames, computed first and cached per step; the other "
               "frames attend to them in independent chunks",
+    workflows=("fairy_anchor_edit.json",),
 )

@@ -59,4 +59,6 @@ METHOD = MethodNode(
                 "https://arxiv.org/abs/2303.09535"),
     mechanism="the source's self-attention maps fused into the edit under a blend-word mask, prompt-to-prompt "
               "refine/replace on cross-attention, equalizer, latent blend",
+    # Video-P2P's recipe (a clip-tuned model + null-text inversion) drives the edit with this injector.
+    workflows=("fatezero_edit.json", "video_p2p_edit.json"),
 )

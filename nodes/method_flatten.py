@@ -41,4 +41,5 @@ METHOD = MethodNode(
                 "ICLR 2024", "https://arxiv.org/abs/2310.05922"),
     mechanism="all-frames self-attention, then attention along optical-flow trajectories + source decoder "
               "features and Q/K from a live source branch",
+    workflows=("flatten_edit.json",),
 )

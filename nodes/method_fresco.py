@@ -85,4 +85,5 @@ METHOD = MethodNode(
     mechanism="spatial-guided, first-frame + newly-visible-token and flow-trajectory attention in the finest "
               "decoder levels; decoder features optimised toward warped neighbours and the input's correlations "
               "(Adam); batches carrying 2 frames",
+    workflows=("fresco_edit.json",),
 )

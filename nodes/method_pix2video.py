@@ -35,4 +35,5 @@ METHOD = MethodNode(
     paper=Paper("Pix2Video: Video Editing using Image Diffusion", "Ceylan et al.", "ICCV 2023",
                 "https://arxiv.org/abs/2303.12688"),
     mechanism="decoder self-attention on the anchor and previous frames + x̂0 guidance toward the previous frame",
+    workflows=("pix2video_edit.json",),
 )

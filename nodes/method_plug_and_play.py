@@ -34,4 +34,5 @@ METHOD = MethodNode(
     paper=Paper("Plug-and-Play Diffusion Features for Text-Driven Image-to-Image Translation", "Tumanyan et al.",
                 "CVPR 2023", "https://arxiv.org/abs/2211.12572"),
     mechanism="decoder residual features and self-attention Q/K copied from a live source branch",
+    workflows=("vidtome_edit.json",),
 )

@@ -43,4 +43,5 @@ METHOD = MethodNode(
                 "Kara et al.", "CVPR 2024", "https://arxiv.org/abs/2312.04524"),
     mechanism="frames shuffled at random every step and tiled into n×n grids denoised as single images "
               "(ControlNet hints gridded alike)",
+    workflows=("rave_edit.json",),
 )

@@ -37,4 +37,5 @@ METHOD = MethodNode(
                 "https://arxiv.org/abs/2307.10373"),
     mechanism="Plug-and-Play + random keyframes edited with extended attention, their outputs propagated to every "
               "frame by nearest-neighbour source features",
+    workflows=("tokenflow_edit.json",),
 )

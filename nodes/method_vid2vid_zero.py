@@ -48,4 +48,5 @@ METHOD = MethodNode(
                 "https://arxiv.org/abs/2303.17599"),
     mechanism="self-attention over all frames in the source and the edit + prompt-to-prompt cross-attention "
               "guidance from a live source branch, over null-text inversion",
+    workflows=("vid2vid_zero_edit.json",),
 )

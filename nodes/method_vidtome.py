@@ -66,4 +66,5 @@ METHOD = MethodNode(
                 "https://arxiv.org/abs/2312.10656"),
     mechanism="self-attention tokens of each chunk merged across frames (and with the previous chunk) by "
               "bipartite soft matching, attended once and unmerged, around an optional Plug-and-Play injection",
+    workflows=("vidtome_edit.json",),
 )

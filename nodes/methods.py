@@ -1,10 +1,11 @@
 """Method nodes: one node per paper, each declared in a `method_<name>.py` file beside this one.
 
 A method registers itself with that file alone: it defines the node class and `METHOD = MethodNode(...)`
-(the node, its display name, the paper, a one-line mechanism). `discover()` imports every such file; the
-pack's NODE_CLASS_MAPPINGS, `video-edit nodes` and the README's Methods table (`video-edit nodes --methods`)
-all come from what it finds. Adding a method = its engine module in pipelines_core/methods/, its
-`method_<name>.py` here, its workflow in workflows/ and its test; nothing else names it.
+(the node, its display name, the paper, a one-line mechanism, the workflows in workflows/ that use it).
+`discover()` imports every such file; the pack's NODE_CLASS_MAPPINGS, `video-edit nodes` and the README's
+Methods table (`video-edit nodes --methods`) all come from what it finds. Adding a method = its engine module
+in pipelines_core/methods/, its `method_<name>.py` here, its workflow in workflows/ and its test; nothing else
+names it.
 """
 
 from __future__ import annotations
@@ -40,11 +41,18 @@ class MethodNode:
     node: type  # the V1 node class; its class name is the node id
     paper: Paper
     mechanism: str  # one line: what the method does to the sampler
+    # The file names in workflows/ whose graph uses this node: ("fatezero_edit.json", "video_p2p_edit.json").
+    # Empty by default only so a node declared before its workflow still registers; a test asks for one.
+    workflows: tuple = ()
 
     def __post_init__(self):
         for text in (self.name, self.display_name, self.mechanism, self.paper.title, self.paper.cite()):
             if "|" in text or "\n" in text:
                 raise ValueError(f"{self.name}: {text!r} would break its Methods table row (no '|' or newline)")
+        if not isinstance(self.workflows, tuple) or not all(
+                isinstance(w, str) and w.endswith(".json") and "/" not in w and "|" not in w for w in self.workflows):
+            raise ValueError(f"{self.name}: workflows must be a tuple of file names in workflows/ "
+                             f"(\"<name>.json\"), got {self.workflows!r}")
 
     @property
     def node_id(self) -> str:
@@ -81,8 +89,8 @@ def discover() -> tuple[MethodNode, ...]:
 
 def markdown_table(methods) -> str:
     """The README's Methods table (`video-edit nodes --methods` prints it)."""
-    rows = ["| node | paper | mechanism |", "|---|---|---|"]
+    rows = ["| node | paper | mechanism | workflow |", "|---|---|---|---|"]
     for m in methods:
         rows.append(f"| **{m.display_name}** (`{m.node_id}`) | [{m.paper.title}]({m.paper.url}) "
-                    f"({m.paper.cite()}) | {m.mechanism} |")
+                    f"({m.paper.cite()}) | {m.mechanism} | {', '.join(f'`{w}`' for w in m.workflows) or '-'} |")
     return "\n".join(rows)

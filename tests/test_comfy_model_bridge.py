@@ -1,10 +1,11 @@
-"""Use ComfyUI Model: a VE_MODEL from a state dict in the original SD-1.x checkpoint layout.
+"""Use ComfyUI Model: a VE_MODEL from a state dict in the original SD-1.x or SDXL base checkpoint layout.
 
 ComfyUI hands its loaded model over as that state dict (what its checkpoint save writes). The engine must
-build from it exactly the model Load Model builds from the same weights in a file, own its weights (ComfyUI
-patches and unpatches its tensors later), leave the caller's tensors and tokenizer alone, and refuse in one
-line what the SD-1.5 configs cannot describe. The node's ComfyUI half runs against a real ComfyUI only when
-COMFYUI_PATH names a checkout (in a subprocess: ComfyUI's modules must not leak into this test session).
+build from it exactly the model Load Model builds from the same weights in a file (SDXL: the model
+builtin:tiny-sdxl is), own its weights (ComfyUI patches and unpatches its tensors later), leave the caller's
+tensors and tokenizers alone, and refuse in one line what the configs cannot describe. The node's ComfyUI half
+runs against a real ComfyUI only when COMFYUI_PATH names a checkout (in a subprocess: ComfyUI's modules must not
+leak into this test session).
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_video_edit.pipelines_core.models import single_file as ckpt
-from comfyui_video_edit.pipelines_core.models.model import DTYPES, model_from_state_dict
-from comfyui_video_edit.pipelines_core.models.tiny import build_tiny_components, write_tiny_tokenizer
+from comfyui_video_edit.pipelines_core.models.model import DTYPES, encode_text, load_model, model_from_state_dict
+from comfyui_video_edit.pipelines_core.models.tiny import (
+    build_tiny_components,
+    build_tiny_sdxl_components,
+    write_tiny_tokenizer,
+)
+from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
+from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 
 from ldm_layout import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, to_ldm_checkpoint
+from ldm_layout_sdxl import CLIP_L_PREFIX, OPEN_CLIP_PREFIX, to_sgm_checkpoint
 
 COMFY_TOKENIZER_LIMIT = 8192  # what ComfyUI's own CLIP tokenizer says (comfy/sd1_tokenizer)
 
@@ -45,10 +53,18 @@ def _comfy_layout(file_state: dict) -> dict:
             if k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)) and not k.endswith("position_ids")}
 
 
-def _tokenizer(folder: str, limit: int):
+def _comfy_sdxl_layout(file_state: dict) -> dict:
+    """What ComfyUI's `state_dict_for_saving` gives for SDXL (supported_models.SDXL): SDXL's single-file layout
+    (ldm_layout_sdxl) less the schedule buffers. Unlike SD-1.x it keeps CLIP-L's position_ids (it writes
+    arange(77) itself) and OpenCLIP's logit_scale (its CLIP has one)."""
+    return {k: v for k, v in file_state.items()
+            if k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_L_PREFIX, OPEN_CLIP_PREFIX))}
+
+
+def _tokenizer(folder: str, limit: int, **kwargs):
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     tokenizer.model_max_length = limit
     return tokenizer
 
@@ -135,6 +151,88 @@ def test_weights_are_owned_and_the_inputs_are_left_alone(tiny):
     assert all(torch.equal(a, b) for a, b in zip(ours, before))
 
 
+# --- SDXL: the state dict ComfyUI's SDXL gives builds builtin:tiny-sdxl -----------------------------------
+
+SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _write_sdxl_configs(folder, components) -> str:
+    """An SDXL model's component configs as a diffusers-style folder (what configs/sdxl is for SDXL base)."""
+    _write_configs(folder, components["unet"], components["vae"], components["text_encoder"],
+                   components["scheduler_config"])
+    components["text_encoder_2"].config.save_pretrained(os.path.join(folder, "text_encoder_2"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bridge_sdxl")
+    components = build_tiny_sdxl_components(str(root / "tokenizer"))
+    config_dir = _write_sdxl_configs(str(root / "configs"), components)
+    state = _comfy_sdxl_layout(to_sgm_checkpoint(*(components[name] for name in SDXL_PARTS)))
+    return {"components": components, "config_dir": config_dir, "tokenizer_dir": str(root / "tokenizer"),
+            "comfy_state": state}
+
+
+def _sdxl_tokenizers(folder: str, limit: int = COMFY_TOKENIZER_LIMIT):
+    """ComfyUI's SDXL CLIP-L tokenizer as it is, and the copy of its clip_g one that pads with "!" (what the
+    node hands over)."""
+    return _tokenizer(folder, limit), _tokenizer(folder, limit, pad_token="!")
+
+
+def _sdxl_latents(model) -> torch.Tensor:
+    s = SamplerSettings("a red fox in the snow", "blurry", seed=5, steps=2, cfg=6.0, scheduler="euler",
+                        attention="none")
+    return edit_video(model, s, frame_count=2, size=(64, 48))
+
+
+def test_sdxl_state_dict_gives_builtin_tiny_sdxl(tiny_sdxl, no_network):
+    builtin = load_model("builtin:tiny-sdxl", dtype="fp32", device="cpu")
+    tokenizer, tokenizer_2 = _sdxl_tokenizers(tiny_sdxl["tokenizer_dir"])
+    state = tiny_sdxl["comfy_state"]
+    snapshot = {k: v.clone() for k, v in state.items()}
+
+    model = model_from_state_dict(state, tokenizer, dtype="fp32", device="cpu", source="comfyui:SDXL",
+                                  config_dir=tiny_sdxl["config_dir"], tokenizer_2=tokenizer_2)
+
+    assert model.backbone.name == "SDXL" and model.source == "comfyui:SDXL"
+    for name in SDXL_PARTS:
+        _assert_same_module(getattr(model, name), getattr(builtin, name))
+        assert not getattr(model, name).training
+    assert model.scheduler_config == builtin.scheduler_config
+    # Both tokenizers capped to 77 on copies; the second pads with "!" as the builtin's (SDXL's) does.
+    assert tokenizer.model_max_length == tokenizer_2.model_max_length == COMFY_TOKENIZER_LIMIT
+    assert model.tokenizer.model_max_length == model.tokenizer_2.model_max_length == 77
+    assert model.tokenizer_2.pad_token == builtin.tokenizer_2.pad_token == "!"
+    for ours, theirs in ((model.tokenizer, builtin.tokenizer), (model.tokenizer_2, builtin.tokenizer_2)):
+        ids, want = (t("a red fox", padding="max_length", truncation=True, return_tensors="pt").input_ids
+                     for t in (ours, theirs))
+        assert torch.equal(ids, want)
+    prompt, reference = encode_text(model, "a red fox"), encode_text(builtin, "a red fox")
+    assert torch.equal(prompt.hidden, reference.hidden) and torch.equal(prompt.pooled, reference.pooled)
+    assert torch.equal(_sdxl_latents(model), _sdxl_latents(builtin))
+    # The caller's tensors are left alone and not shared.
+    assert all(torch.equal(state[k], snapshot[k]) for k in state)
+    theirs = {v.untyped_storage().data_ptr() for v in state.values()}
+    assert not any(p.untyped_storage().data_ptr() in theirs for name in SDXL_PARTS
+                   for p in getattr(model, name).parameters())
+
+
+def test_sdxl_state_dict_needs_its_second_tokenizer_and_sdxl_configs(tiny_sdxl):
+    tokenizer, tokenizer_2 = _sdxl_tokenizers(tiny_sdxl["tokenizer_dir"])
+    with pytest.raises(ValueError) as err:
+        model_from_state_dict(tiny_sdxl["comfy_state"], tokenizer, device="cpu", source="comfyui:SDXL",
+                              config_dir=tiny_sdxl["config_dir"])
+    assert str(err.value) == ("'comfyui:SDXL' is SDXL: its second tokenizer (tokenizer_2, padding with '!') is "
+                              "needed too.")
+    # Without a config folder it goes to the shipped SDXL base configs (not SD-1.5's), which the tiny model does not
+    # match: refused by what differs, before any conversion.
+    with pytest.raises(ValueError, match=r"^'comfyui:SDXL' has a UNet reading text features of width \[80\], not "
+                                         r"SDXL base's 2048"):
+        model_from_state_dict(tiny_sdxl["comfy_state"], tokenizer, device="cpu", source="comfyui:SDXL",
+                              tokenizer_2=tokenizer_2)
+
+
 # --- refusals ----------------------------------------------------------------------------------------
 
 class GGMLTensor(torch.Tensor):
@@ -173,11 +271,10 @@ def _keys(*names_and_shapes) -> dict:
 
 _UNET_IN = (UNET_PREFIX + "input_blocks.0.0.weight", (8, 4, 3, 3))
 _VAE_IN = (VAE_PREFIX + "encoder.conv_in.weight", (8, 3, 3, 3))
-OTHER_FAMILIES = {
-    "SDXL": _keys(_UNET_IN, _VAE_IN, (UNET_PREFIX + "label_emb.0.0.weight", (8, 2816)),
-                  (UNET_PREFIX + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", (8, 2048)),
-                  ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight", (4, 8)),
-                  ("conditioner.embedders.1.model.token_embedding.weight", (4, 8))),
+OTHER_FAMILIES = {  # SDXL base converts (above); its refiner does not
+    "SDXL refiner": _keys(_UNET_IN, _VAE_IN, (UNET_PREFIX + "label_emb.0.0.weight", (8, 2560)),
+                          (UNET_PREFIX + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", (8, 1280)),
+                          ("conditioner.embedders.0.model.token_embedding.weight", (4, 8))),
     "SD-2.x": _keys(_UNET_IN, _VAE_IN,
                     (UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", (8, 1024)),
                     ("cond_stage_model.model.token_embedding.weight", (4, 8))),
@@ -230,11 +327,7 @@ def _comfy_sized_components(folder: str) -> dict:
 
 def comfy_adapter_check(folder: str) -> None:
     """Runs in its own process (see the test above): ComfyUI parses sys.argv and keeps global state."""
-    sys.argv = ["main.py", "--cpu", "--fp32-text-enc"]  # ComfyUI keeps text encoders in fp16 unless told
-    sys.path.insert(0, os.path.abspath(COMFYUI_PATH))
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+    _import_comfy()
     import comfy.model_detection
     import comfy.model_management
     import comfy.model_patcher
@@ -283,7 +376,8 @@ def comfy_adapter_check(folder: str) -> None:
     patched_clip.add_patches({"clip_l.transformer." + clip_key: (clip_delta,)}, 0.25)
 
     with torch.inference_mode():  # as ComfyUI runs nodes
-        state, tokenizer, source = comfy_checkpoint_state(patched_model, patched_clip, vae)
+        state, tokenizer, tokenizer_2, source = comfy_checkpoint_state(patched_model, patched_clip, vae)
+        assert tokenizer_2 is None  # SD-1.x has one text encoder
         expected = dict(original)
         expected[UNET_PREFIX + unet_key] = original[UNET_PREFIX + unet_key] + 0.5 * unet_delta
         expected[CLIP_PREFIX + clip_key] = original[CLIP_PREFIX + clip_key] + 0.25 * clip_delta
@@ -319,10 +413,208 @@ def comfy_adapter_check(folder: str) -> None:
         other = comfy.model_patcher.ModelPatcher(pix2pix.get_model({}, device=cpu), load_device=cpu, offload_device=cpu)
         for args, message in (((model, skipped, vae), "CLIP Set Last Layer (-2) is not supported"),
                               ((sampling, clip, vae), "carries object patch 'model_sampling'"),
-                              ((other, clip, vae), "the MODEL is ComfyUI's 'SD15_instructpix2pix', not SD-1.x")):
+                              ((other, clip, vae), "the MODEL is InstructPix2Pix, ComfyUI's 'SD15_instructpix2pix', "
+                                                   "not SD-1.x or SDXL base")):
             try:
                 comfy_checkpoint_state(*args)
                 raise AssertionError(f"not refused: {message}")
             except ValueError as err:
                 assert message in str(err), err
     print("comfy adapter check passed")
+
+
+def _import_comfy():
+    """ComfyUI as its main.py sets it up on the CPU, text encoders in fp32 (it keeps them in fp16 unless told)."""
+    sys.argv = ["main.py", "--cpu", "--fp32-text-enc"]
+    sys.path.insert(0, os.path.abspath(COMFYUI_PATH))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(COMFYUI_PATH, "comfy", "model_patcher.py")),
+                    reason="set COMFYUI_PATH to a ComfyUI checkout to run the node against it")
+def test_node_reads_comfyui_sdxl_with_patches_baked_in(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", f"import test_comfy_model_bridge as t; t.comfy_sdxl_adapter_check({str(tmp_path)!r})"],
+        cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "comfy sdxl adapter check passed" in result.stdout
+
+
+# The tiny SDXL text encoders as ComfyUI's CLIP classes take them (model_options "<name>_model_config" override
+# their json configs). Three layers, not the builtin's two: ComfyUI asserts the penultimate layer SDXL reads is
+# an inner one (|layer_idx| < layers). CLIP-L's 49408-token vocabulary: ComfyUI's own tokenizer is used. bigG's
+# projection as wide as its width (1280 both in SDXL): ComfyUI's CLIP builds text_projection square, whatever
+# projection_dim says, so the builtin's narrower projection (24) cannot be held.
+COMFY_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4}
+COMFY_CLIP_G = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "projection_dim": 48}
+
+
+def _comfy_sized_sdxl_components(folder: str) -> dict:
+    """builtin:tiny-sdxl's shapes as ComfyUI's classes can hold and compute them: its UNet and VAE normalise in
+    groups of 32 and its CLIPs have the sizes above (bigG's gelu for the second, CLIP-L's quick_gelu for the
+    first). ComfyUI's own SDXL sampler still could not run this UNet: model_base.SDXL embeds the six size/crop ids
+    with a fixed 256 features each (SDXL's label_emb reads 2816 = 1280 + 6 x 256), the tiny one reads 8 each."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    components = build_tiny_sdxl_components(os.path.join(folder, "tokenizer"))
+    special = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                   pad_token_id=49407)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        unet_config = {k: v for k, v in components["unet"].config.items() if not k.startswith("_")}
+        added = COMFY_CLIP_G["projection_dim"] + 6 * unet_config["addition_time_embed_dim"]  # pooled + size ids
+        components["unet"] = UNet2DConditionModel.from_config(
+            {**unet_config, "norm_num_groups": 32, "projection_class_embeddings_input_dim": added}).eval()
+        components["vae"] = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                                          norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                                          up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025).eval()
+        components["text_encoder"] = CLIPTextModel(CLIPTextConfig(**COMFY_CLIP_L, **special)).eval()
+        components["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig(**COMFY_CLIP_G, hidden_act="gelu", **special)).eval()
+    return components
+
+
+def comfy_sdxl_adapter_check(folder: str) -> None:
+    """Runs in its own process (see the test above): ComfyUI's SDXL MODEL, CLIP and VAE, patched, through the node."""
+    _import_comfy()
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    from comfyui_video_edit.nodes.comfy_model import VE_FromComfyModel, comfy_checkpoint_state
+
+    cpu = torch.device("cpu")
+    components = _comfy_sized_sdxl_components(folder)
+    config_dir = _write_sdxl_configs(os.path.join(folder, "configs"), components)
+    original = _comfy_sdxl_layout(to_sgm_checkpoint(*(components[name] for name in SDXL_PARTS)))
+
+    # ComfyUI's objects built from that state as its checkpoint loader builds them (its model detection matches
+    # only full-size SDXL, so the SDXL model config is named here). Its loaders pop the keys they take: copies.
+    def part(prefix, strip=""):
+        return {k[len(strip):]: v.clone() for k, v in original.items() if k.startswith(prefix)}
+
+    unet_config = comfy.model_detection.detect_unet_config(original, UNET_PREFIX)
+    config = comfy.supported_models.SDXL(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model(original, UNET_PREFIX, device=cpu)
+    base.load_model_weights(part(UNET_PREFIX), UNET_PREFIX)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    clip = comfy.sd.CLIP(config.clip_target(), model_options={"clip_l_model_config": COMFY_CLIP_L,
+                                                              "clip_g_model_config": COMFY_CLIP_G})
+    missing, unexpected = clip.load_sd(config.process_clip_state_dict(part("conditioner.embedders.")), full_model=True)
+    # As with a real SDXL file: CLIP-L's projection and logit scale are not in it (SDXL does not use them; ComfyUI's
+    # save drops them again) and its position_ids are not in ComfyUI's CLIP.
+    assert set(missing) <= {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"}, missing
+    assert set(unexpected) <= {"clip_l.transformer.text_model.embeddings.position_ids"}, unexpected
+    assert clip.layer_idx is None  # the checkpoint loader's CLIP: SDXL's own penultimate layer for both
+    vae = comfy.sd.VAE(sd=part(VAE_PREFIX, strip=VAE_PREFIX),
+                       config={"params": {"embed_dim": 4, "ddconfig": {
+                           "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                           "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+                           "dropout": 0.0}}})
+
+    # Weight patches as LoRA loaders and model merges add them: on the UNet and on clip_g (OpenCLIP bigG).
+    unet_key = "input_blocks.3.1.transformer_blocks.0.attn1.to_q.weight"
+    diffusers_unet_key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"  # the same layer
+    clip_g_key = "text_model.encoder.layers.0.mlp.fc1.weight"  # transformers' names in ComfyUI's CLIP...
+    saved_clip_g_key = OPEN_CLIP_PREFIX + "transformer.resblocks.0.mlp.c_fc.weight"  # ...OpenCLIP's when saved
+    g = torch.Generator().manual_seed(3)
+    unet_delta = torch.randn(original[UNET_PREFIX + unet_key].shape, generator=g)
+    clip_delta = torch.randn(original[saved_clip_g_key].shape, generator=g)
+    patched_model, patched_clip = model.clone(), clip.clone()
+    patched_model.add_patches({"diffusion_model." + unet_key: (unet_delta,)}, 0.5)
+    assert patched_clip.add_patches({"clip_g.transformer." + clip_g_key: (clip_delta,)}, 0.25)
+
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        state, tokenizer, tokenizer_2, source = comfy_checkpoint_state(patched_model, patched_clip, vae)
+        expected = dict(original)
+        expected[UNET_PREFIX + unet_key] = original[UNET_PREFIX + unet_key] + 0.5 * unet_delta
+        expected[saved_clip_g_key] = original[saved_clip_g_key] + 0.25 * clip_delta
+        assert state.keys() == expected.keys(), sorted(set(state) ^ set(expected))[:8]
+        for key, value in expected.items():
+            if not key.endswith("logit_scale"):  # ComfyUI's CLIP keeps its own (unused by the text tower)
+                assert torch.equal(state[key], value), key
+        assert source == "comfyui:SDXL+2 patched weights"
+        # Tokenizers: CLIP-L's is ComfyUI's object; the second is a copy padding with "!", the id ComfyUI's own
+        # clip_g tokenizer pads with (ComfyUI's transformers tokenizer inside pads with the end token).
+        assert tokenizer is patched_clip.tokenizer.clip_l.tokenizer
+        comfy_g = patched_clip.tokenizer.clip_g
+        assert tokenizer_2 is not comfy_g.tokenizer and comfy_g.tokenizer.pad_token == "<|endoftext|>"
+        assert tokenizer_2.pad_token == "!" and tokenizer_2.pad_token_id == comfy_g.pad_token == 0
+
+        model_ = model_from_state_dict(state, tokenizer, dtype="fp32", device="cpu", source=source,
+                                       config_dir=config_dir, tokenizer_2=tokenizer_2)
+        assert model_.backbone.name == "SDXL"
+        reference = model_from_state_dict(expected, tokenizer, dtype="fp32", device="cpu", config_dir=config_dir,
+                                          tokenizer_2=tokenizer_2)
+        for name in SDXL_PARTS:
+            _assert_same_module(getattr(model_, name), getattr(reference, name))
+        assert torch.equal(model_.unet.state_dict()[diffusers_unet_key], expected[UNET_PREFIX + unet_key])
+        assert torch.equal(model_.text_encoder_2.state_dict()[clip_g_key], expected[saved_clip_g_key])
+
+        # The prompt as ComfyUI's patched SDXL CLIP encodes it (both penultimate layers side by side, the pooled
+        # projection of bigG) is the prompt as the converted model encodes it: patch, layers and padding carried.
+        prompt = "a red fox in the snow"
+        cond, pooled = patched_clip.encode_from_tokens(patched_clip.tokenize(prompt), return_pooled=True)
+        ours = encode_text(model_, prompt)
+        assert cond.shape == ours.hidden.shape == (1, 77, 80), (cond.shape, ours.hidden.shape)
+        assert torch.allclose(cond, ours.hidden, atol=1e-5), (cond - ours.hidden).abs().max()
+        assert torch.allclose(pooled, ours.pooled, atol=1e-5), (pooled - ours.pooled).abs().max()
+        unpatched = encode_text(model_from_state_dict(original, tokenizer, device="cpu", config_dir=config_dir,
+                                                      tokenizer_2=tokenizer_2), prompt)
+        assert not torch.allclose(unpatched.hidden[..., 32:], ours.hidden[..., 32:], atol=1e-3)  # clip_g's patch
+
+        # The converted model samples.
+        s = SamplerSettings(prompt, "blurry", seed=5, steps=2, cfg=6.0, scheduler="euler", attention="none")
+        latents = edit_video(model_, s, frame_count=2, size=(64, 48))
+        assert latents.shape == (2, 4, 8, 6) and torch.isfinite(latents).all(), latents.shape  # size is (H, W)
+
+        # ComfyUI's objects: patch lists as they were; the plain MODEL, loaded again, has its weights back.
+        assert len(patched_model.patches) == 1 and not model.patches and len(patched_clip.patcher.patches) == 1
+        comfy.model_management.load_models_gpu([model, clip.patcher])
+        assert torch.equal(comfy.utils.get_attr(base, "diffusion_model." + unet_key), original[UNET_PREFIX + unet_key])
+
+        # The whole node, with its shipped SDXL base configs: the tiny model is refused by the engine, by width.
+        try:
+            VE_FromComfyModel().convert(patched_model, patched_clip, vae, "fp32", "cpu")
+            raise AssertionError("the tiny model passed the SDXL base checks")
+        except ValueError as err:
+            assert "has a UNet reading text features of width [80], not SDXL base's 2048" in str(err), err
+
+        # CLIP Set Last Layer -2 is SDXL's own reading (accepted, same prompt); -1 is not.
+        penultimate = clip.clone()
+        penultimate.clip_layer(-2)
+        assert comfy_checkpoint_state(model, penultimate, vae)[3] == "comfyui:SDXL"
+        last = clip.clone()
+        last.clip_layer(-1)
+        sd1_clip = comfy.sd.CLIP(comfy.supported_models.SD15({}).clip_target(),
+                                 model_options={"clip_l_model_config": COMFY_CLIP_L})
+        playground = comfy.model_patcher.ModelPatcher(
+            comfy.supported_models.SDXL(unet_config).get_model({"edm_mean": torch.zeros(4), "edm_std": torch.ones(4)},
+                                                                device=cpu),  # Playground v2.5
+            load_device=cpu, offload_device=cpu)
+        refiner = comfy.model_patcher.ModelPatcher(
+            comfy.supported_models.SDXLRefiner(unet_config).get_model({}, device=cpu), load_device=cpu,
+            offload_device=cpu)
+        for args, message in (
+                ((model, last, vae), "CLIP Set Last Layer (-1) is not supported: the video sampler reads the "
+                                     "penultimate layer of both text encoders of SDXL base; remove that node (or set "
+                                     "-2)"),
+                ((model, sd1_clip, vae), "the CLIP is 'SD1ClipModel', not SDXL base's (SDXLClipModel)"),
+                ((playground, clip, vae), "the MODEL is SDXL base with 'EDM' prediction"),
+                ((refiner, clip, vae), "the MODEL is the SDXL refiner (it only finishes SDXL base's images), "
+                                       "ComfyUI's 'SDXLRefiner', not SD-1.x or SDXL base")):
+            try:
+                comfy_checkpoint_state(*args)
+                raise AssertionError(f"not refused: {message}")
+            except ValueError as err:
+                assert message in str(err), err
+    print("comfy sdxl adapter check passed")

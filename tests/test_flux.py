@@ -240,3 +240,14 @@ def test_rf_inversion_is_refused_where_it_cannot_run(flux, tiny_model):
     with pytest.raises(ValueError, match="ran 3 steps but the sampler is set to 5"):
         edit_video(flux, SamplerSettings(PROMPT, steps=5, scheduler="flow_euler"),
                    injection=rf_inversion_injection(inversion))
+
+
+def test_lora_apply_on_flux_is_refused_in_one_line(flux, tmp_path):
+    from safetensors.torch import save_file
+
+    from comfyui_video_edit.pipelines_core.models.lora import add_lora
+
+    path = tmp_path / "flux_lora.safetensors"
+    save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32)}, str(path))
+    with pytest.raises(ValueError, match="LoRAs load into SD-1.5 and SDXL models only"):
+        add_lora(flux, str(path))

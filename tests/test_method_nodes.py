@@ -10,7 +10,7 @@ from comfyui_video_edit.headless import WorkflowError, execute, object_info, ui_
 from comfyui_video_edit.headless.cli import main
 from comfyui_video_edit.nodes import METHODS, NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_video_edit.nodes.attention_injector import VE_AttentionInjector
-from comfyui_video_edit.nodes.methods import PREFIX, discover, markdown_table
+from comfyui_video_edit.nodes.methods import PREFIX, MethodNode, discover, markdown_table
 from comfyui_video_edit.pipelines_core.methods.fatezero import FateZeroParams
 from comfyui_video_edit.pipelines_core.methods.pix2video import Pix2VideoParams
 from comfyui_video_edit.pipelines_core.methods.plug_and_play import PnPParams
@@ -134,6 +134,34 @@ def test_an_old_workflow_still_converts_and_stops_at_validation_naming_the_new_n
 def test_shipped_workflows_use_no_deprecated_node(path):
     for entry in ui_to_api(json.loads(path.read_text()), INFO).values():
         assert not getattr(NODE_CLASS_MAPPINGS[entry["class_type"]], "DEPRECATED", False), entry["class_type"]
+
+
+def node_types(workflow: Path) -> set:
+    """The node types a UI-format workflow holds, its subgraphs' included."""
+    data = json.loads(workflow.read_text())
+    graphs = [data, *data.get("definitions", {}).get("subgraphs", [])]
+    return {node["type"] for graph in graphs for node in graph.get("nodes", [])}
+
+
+def test_each_method_node_lists_exactly_the_shipped_workflows_that_use_it():
+    shipped = {path.name: node_types(path) for path in (ROOT / "workflows").glob("*.json")}
+    for method in METHODS:
+        assert method.workflows, f"{method.name}: METHOD lists no workflow"
+        assert len(set(method.workflows)) == len(method.workflows), method.workflows
+        for name in method.workflows:  # a renamed workflow, or a workflow that lost the node, fails here
+            assert name in shipped, f"{method.name} lists {name}, which is not in workflows/"
+            assert method.node_id in shipped[name], f"{name} has no {method.node_id} node"
+        using = {name for name, types in shipped.items() if method.node_id in types}
+        assert set(method.workflows) == using, f"{method.name}: {sorted(using)} use {method.node_id}"
+    assert any(len(m.workflows) > 1 for m in METHODS)  # FateZero's injector also drives the Video-P2P recipe
+
+
+@pytest.mark.parametrize("workflows", [["fatezero_edit.json"], ("fatezero_edit",), ("workflows/fatezero_edit.json",),
+                                       (3,)])
+def test_a_method_node_rejects_workflows_that_are_not_file_names_in_a_tuple(workflows):
+    fatezero = by_name("FateZero")
+    with pytest.raises(ValueError, match="workflows must be a tuple of file names"):
+        MethodNode(fatezero.name, fatezero.display_name, fatezero.node, fatezero.paper, fatezero.mechanism, workflows)
 
 
 def test_the_readme_holds_exactly_the_generated_methods_table(capsys):

@@ -165,6 +165,36 @@ def check_sdedit_crossframe(prompt):
     return result
 
 
+def check_edit_a_video_edit(prompt):
+    """Edit-A-Video: tuning, attention control, and sparse-causal blending. On builtin:tiny's flat attention every
+    blend mask at the workflow's 0.3 covers the whole frame, so the union changes nothing there; the source words'
+    masks at 0.98 differ from frame to frame. Own-frame blending is the same graph with the injector's base class
+    (FateZero's node: the same widgets)."""
+    from comfyui_video_edit.pipelines_core.flow.estimate import estimate_flow
+    from comfyui_video_edit.pipelines_core.flow.warp import warp_error
+
+    prompt, sampler, tune = tuned_graph(prompt)
+    injector, inverter = provider(prompt, sampler, "VE_INJECTION"), provider(prompt, sampler, "VE_INVERSION")
+    assert provider(prompt, inverter, "VE_MODEL") == tune, "DDIM Invert must invert with the tuned model"
+    edited, result = run(prompt)
+    check_tuning("edit-a-video", prompt, tune, result)  # measured 1.1801 -> 1.1245
+    differs("edit-a-video: attention control unlinked", edited, latents(unlinked(prompt, "VE_INJECTION")), 0.3)  # 2.99
+    sharp = with_inputs(prompt, injector, blend_threshold=0.98, target_blend_words="")
+    own = copied(sharp)
+    base = node_class(prompt, injector).__bases__[0]
+    own[injector]["class_type"] = next(k for k, c in NODE_CLASS_MAPPINGS.items() if c is base)
+    joined, joined_result = run(sharp)
+    alone, alone_result = run(own)
+    # frame 0 keeps its own mask (measured max |diff| 0), frames 1-3 move (measured 2.82, 7.32, 5.09)
+    first_frame_alone("edit-a-video: own-frame blend masks", joined, alone, 0.5)
+    # steadier along the source clip's flow: measured warp error 0.0199 sparse-causal, 0.0220 own-frame masks
+    flow = estimate_flow(joined_result.outputs[provider(prompt, inverter, "IMAGE")][0])
+    steady = warp_error(joined_result.outputs[sampler][0], flow)
+    flicker = warp_error(alone_result.outputs[sampler][0], flow)
+    print(f"\nedit-a-video: warp error {steady:.4f} with sparse-causal blend masks, {flicker:.4f} with own-frame ones")
+    assert steady < flicker, f"edit-a-video: warp error {steady:.4f} sparse-causal, {flicker:.4f} own-frame masks"
+
+
 def check_flux_flowedit(prompt):
     """FlowEdit on Flux: the edit is the velocity difference of target and source prompts, so with the source
     prompt and guidance as the target's it vanishes (the output is the encoded clip); cross-frame attention acts
@@ -541,6 +571,7 @@ MECHANISMS = {
     "rerender_edit": check_rerender_edit,
     "sdedit_crossframe": check_sdedit_crossframe,
     "sdxl_sdedit_crossframe": check_sdxl_sdedit_crossframe,
+    "edit_a_video_edit": check_edit_a_video_edit,
     "flux_flowedit": check_flux_flowedit,
     "flux_rf_inversion_edit": check_flux_rf_inversion_edit,
     "text2video_zero_edit": check_text2video_zero_edit,

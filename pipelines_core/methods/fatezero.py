@@ -28,7 +28,9 @@ Sampling from x_T with the target prompt, on the conditional CFG half only (Fate
 * latent blend after the step (FateZero's LatentBlend, only with blend words), while
   int(start*N) < i + 1 < int(end*N): x <- x_src + M_union*(x - x_src), M_union the union of the source
   words' mask (stored: inverted maps at t; live: the source branch's maps of this step) and the target
-  words' mask (this run's own maps, summed over the steps so far).
+  words' mask (this run's own maps, summed over the steps so far); with `blend_frames` "sparse_causal"
+  each frame's M_union is joined with those of the first and the previous frame (Edit-A-Video's
+  sparse-causal blending, edit_a_video.py).
 
 Blend mask (FateZero `get_mask`): cross-attention maps of the blend words at the 16x16 level of SD-1.5
 (`down_cross[2:4] + up_cross[:3]`), summed over the words' tokens, averaged over heads and layers,
@@ -68,9 +70,11 @@ from ..sampling.chunks import plan_chunks
 from ..sampling.hooks import Hooks, StepState
 from ..sampling.injection import Injection, InjectionPlan, PlanContext
 from . import prompt_to_prompt as p2p
+from .edit_a_video import SPARSE_CAUSAL, sparse_causal_union
 
 MODES = ("refine", "replace")
 SOURCES = ("live", "stored")  # source maps: the live source branch, or maps recorded by DDIM Invert
+BLEND_FRAMES = ("own", SPARSE_CAUSAL)  # the latent blend's mask of frame i: its own, or joined with frames 0 and i-1
 BLEND_POOL = 3  # FateZero's get_mask: k = 1 -> a 3x3 max-pool
 CHECK_FIX = "the Cross-Frame Sampler's attention, attention_layers 'all' and chunk_size must match DDIM Invert's"
 
@@ -91,6 +95,7 @@ class FateZeroParams:
     max_tokens: int = 32 * 32  # only layers with at most this many queries are fused (all recorded ones)
     source_prompt: str = ""  # the prompt the recorded maps belong to; empty: the inversion's prompt
     source: str = "live"  # "live": a source branch in the UNet batch, latents-only inversion; "stored": recorded maps
+    blend_frames: str = "own"  # "sparse_causal": Edit-A-Video's blending (latent blend masks joined across frames)
 
     def check(self) -> None:
         if self.source not in SOURCES:
@@ -104,6 +109,12 @@ class FateZeroParams:
             raise ValueError("FateZero equalizer: give one value per equalizer word")
         if self.latent_blend is not None and not 0.0 <= self.latent_blend[0] <= self.latent_blend[1] <= 1.0:
             raise ValueError(f"FateZero latent_blend window {self.latent_blend} must be (start, end) with 0 <= start <= end <= 1")
+        if self.blend_frames not in BLEND_FRAMES:
+            raise ValueError(f"unknown FateZero blend_frames {self.blend_frames!r}; "
+                             f"choose one of {', '.join(BLEND_FRAMES)}")
+        if self.blend_frames == SPARSE_CAUSAL and (not self.blend_words or self.latent_blend is None):
+            raise ValueError("sparse-causal blending joins the latent blend's masks across frames: give blend_words "
+                             "(source-prompt words of the edited object) and a latent_blend window")
         if self.max_tokens < 1:
             raise ValueError(f"FateZero max_tokens must be at least 1 (got {self.max_tokens})")
         for name in ("blend_words", "target_blend_words", "equalizer_words"):
@@ -513,6 +524,8 @@ class FateZeroRun:
             summed = torch.cat([self.target_maps[l.name] for l in self.mask_layers], dim=1).mean(1)
             union = union | blend_mask(summed.unflatten(-1, self.mask_layers[0].grid), self.latent_size,
                                        self.params.blend_th)
+        if self.params.blend_frames == SPARSE_CAUSAL:  # the whole clip's masks, in frame order
+            union = sparse_causal_union(union)
         x = state.latents
         x_src = self.inversion.latents[self.next_level(state.index)].to(x.device, x.dtype)
         return x_src + union[:, None].to(x.device, x.dtype) * (x - x_src)

@@ -73,7 +73,12 @@ def _tokens(tokenizer, prompt: str):
     return tokens
 
 
-FLOW_METHODS = {"flowedit": "FlowEdit", "rf_inversion": "RF-Inversion"}  # methods of flow-matching models
+# Injection modes (`Injection.mode`) -> the methods' names, for refusals
+METHOD_NAMES = {"fatezero": "FateZero", "edit_a_video": "Edit-A-Video", "pnp": "Plug-and-Play", "tokenflow": "TokenFlow",
+                "flatten": "FLATTEN", "fresco": "FRESCO", "vid2vid-zero": "vid2vid-zero", "vidtome": "VidToMe",
+                "pix2video": "Pix2Video", "rave": "RAVE", "fairy": "Fairy", "flowedit": "FlowEdit",
+                "rf_inversion": "RF-Inversion"}
+FLOW_METHODS = {mode: METHOD_NAMES[mode] for mode in ("flowedit", "rf_inversion")}  # methods of flow-matching models
 
 
 class Backbone:
@@ -137,10 +142,8 @@ class SDXLBackbone(Backbone):
     # no attention at the first level, and no mapping has been validated. The sampler's own mechanisms (cross-frame
     # rules, chunks, SDEdit, inversion incl. null-text, ControlNet, temporal guidance) and the injections that work
     # through rules and the denoiser alone (RAVE's grids, Fairy's anchors) run on SDXL.
-    refused_methods = {mode: (name, SD15_LAYERS) for mode, name in (
-        ("fatezero", "FateZero"), ("edit_a_video", "Edit-A-Video"), ("pnp", "Plug-and-Play"), ("tokenflow", "TokenFlow"),
-        ("flatten", "FLATTEN"), ("fresco", "FRESCO"), ("vid2vid-zero", "vid2vid-zero"), ("vidtome", "VidToMe"),
-        ("pix2video", "Pix2Video"))}
+    refused_methods = {mode: (METHOD_NAMES[mode], SD15_LAYERS) for mode in (
+        "fatezero", "edit_a_video", "pnp", "tokenflow", "flatten", "fresco", "vid2vid-zero", "vidtome", "pix2video")}
 
     def encode(self, model, prompt: str) -> PromptEmbeds:
         hidden, pooled = [], None
@@ -196,7 +199,7 @@ class FluxBackbone(Backbone):
 
     def check_method(self, mode: str) -> None:
         if mode not in FLOW_METHODS:
-            raise ValueError(f"{mode} does not run on Flux models: its attention edits are written for UNet layers; "
+            raise ValueError(f"{METHOD_NAMES.get(mode, mode)} does not run on Flux models: it is written for UNets; "
                              "on Flux use FlowEdit or RF-Inversion, or load an SD-1.5 model")
 
     def encode(self, model, prompt: str) -> PromptEmbeds:
@@ -258,6 +261,10 @@ def blank_unet_kwargs(config, rows: int, dtype=torch.float32) -> dict:
     """Added-conditioning kwargs of the right shapes and any values, for UNet passes that only measure (shapes,
     memory on fake or meta tensors): {} for UNets without any."""
     get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    if get("pooled_projection_dim") is not None:  # Flux: the CLIP pooled embedding, and guidance if distilled
+        guidance = torch.full((rows,), 3.5) if get("guidance_embeds") else None
+        return {"added_cond_kwargs": {"pooled": torch.zeros(rows, get("pooled_projection_dim"), dtype=dtype),
+                                      "guidance": guidance}}
     if get("addition_embed_type") != "text_time":
         return {}
     ids = 6  # original size, crop top-left, target size

@@ -84,6 +84,9 @@ def adapter_name_for(path: str) -> str:
 def check_lora(model: VEModel, path: str) -> dict:
     """Validate a LoRA file against `model` without changing anything; returns layers per part.
     Raises FileNotFoundError / ValueError with a one-line message."""
+    if model.backbone.joint_attention:
+        raise ValueError(f"LoRA Apply: '{os.path.basename(path)}' would go on a {model.backbone.name} model, and "
+                         "LoRAs load into SD-1.5 and SDXL models only for now: disconnect LoRA Apply")
     layers = read_lora(path, model)
     return {part: _check_fit(_module(model, part), layers, part, _family(model)) for part in layers.weights}
 

@@ -5,11 +5,14 @@ Sources (all offline; nothing is ever downloaded):
   * "builtin:sd15-random"         - SD-1.5-sized with random weights, for benchmarks (tiny.py);
   * "builtin:tiny-ip2p"           - builtin:tiny with an 8-channel UNet: an InstructPix2Pix-shaped model (tiny.py);
   * "builtin:tiny-sdxl", "builtin:tiny-flux" - SDXL's and Flux's layouts in small, random weights (tiny.py);
+  * "builtin:sdxl-random", "builtin:flux-random" - SDXL- and FLUX.1-dev-sized, random weights, for benchmarks;
   * a diffusers folder            - a directory holding model_index.json and unet/ vae/ text_encoder/ tokenizer/
                                     (SDXL: also text_encoder_2/ tokenizer_2/; Flux: transformer/ and T5);
   * a single-file checkpoint      - .safetensors/.ckpt in the original SD layout, converted with the
                                     SD-1.5 component configs shipped in configs/sd15 (single_file.py), or an
-                                    SDXL base file with configs/sdxl (sdxl_single_file.py);
+                                    SDXL base file with configs/sdxl (sdxl_single_file.py), or a FLUX.1
+                                    transformer file with its ae/clip_l/t5xxl files beside it or in given
+                                    folders (flux_single_file.py);
                                     an InstructPix2Pix file (8-channel conv_in) is recognised by its weights;
   * a state dict in that layout   - already in memory, e.g. the model a ComfyUI graph loaded and patched
                                     (`model_from_state_dict`; the same conversion as a file).
@@ -32,6 +35,8 @@ BUILTIN_SD15_RANDOM = "builtin:sd15-random"  # SD-1.5-sized, random weights: for
 BUILTIN_TINY_IP2P = "builtin:tiny-ip2p"  # builtin:tiny with InstructPix2Pix's 8-channel UNet: for tests and demos
 BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"  # SDXL's layout in small (two text encoders, added conditioning)
 BUILTIN_TINY_FLUX = "builtin:tiny-flux"  # Flux's layout in small (MMDiT, flow matching, T5 + CLIP)
+BUILTIN_SDXL_RANDOM = "builtin:sdxl-random"  # SDXL-base-sized, random weights: for benchmarks only
+BUILTIN_FLUX_RANDOM = "builtin:flux-random"  # FLUX.1-dev-sized transformer and VAE, random weights: benchmarks
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -208,7 +213,8 @@ def _load_flux_folder(path: str, torch_dtype: torch.dtype) -> dict:
 
 
 def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Optional[str] = None,
-                    tokenizer_candidates: Sequence[str] = ()) -> dict:
+                    tokenizer_candidates: Sequence[str] = (), flux_search_dirs: Sequence[str] = (),
+                    t5_tokenizer_candidates: Sequence[str] = ()) -> dict:
     if source == BUILTIN_TINY:
         from .tiny import tiny_components
 
@@ -229,9 +235,23 @@ def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Option
         from .tiny import tiny_flux_components
 
         return tiny_flux_components()
+    if source == BUILTIN_SDXL_RANDOM:
+        from .tiny import sdxl_random_components
+
+        return sdxl_random_components()
+    if source == BUILTIN_FLUX_RANDOM:
+        from .tiny import flux_random_components
+
+        return flux_random_components()
     if is_diffusers_folder(source):
         return _load_diffusers_folder(source, torch_dtype)
     if os.path.isfile(source) and source.lower().endswith(CHECKPOINT_EXTENSIONS):
+        from .flux_single_file import is_flux_transformer_file, load_flux_model
+
+        if is_flux_transformer_file(source):  # from the header: the transformer alone, its other parts beside it
+            return load_flux_model(source, search_dirs=tuple(flux_search_dirs), clip_tokenizer_dir=tokenizer_dir or None,
+                                   clip_tokenizer_candidates=tuple(tokenizer_candidates),
+                                   t5_tokenizer_candidates=tuple(t5_tokenizer_candidates), torch_dtype=torch_dtype)
         from .sdxl_single_file import load_checkpoint_file  # SD-1.x or SDXL base, told apart by the keys
         from .single_file import find_tokenizer_dir
 
@@ -240,7 +260,7 @@ def load_components(source: str, torch_dtype: torch.dtype, tokenizer_dir: Option
     if os.path.isdir(source):
         raise FileNotFoundError(f"{source!r} is a folder without model_index.json: point at a diffusers model folder")
     raise FileNotFoundError(
-        f"model {source!r} not found: give 'builtin:tiny' (or 'builtin:tiny-ip2p'), a diffusers folder, or a "
+        f"model {source!r} not found: give a builtin (e.g. 'builtin:tiny'), a diffusers folder, or a "
         ".safetensors/.ckpt file"
     )
 
@@ -268,27 +288,43 @@ def _assemble(parts: dict, source: str, target: torch.device, torch_dtype: torch
 
 
 def load_model(source: str, dtype: str = "fp32", device: str = "auto", tokenizer_dir: Optional[str] = None,
-               tokenizer_candidates: Sequence[str] = ()) -> VEModel:
-    """Load a model and put it on `device` in `dtype`, ready for sampling (eval mode, no grads)."""
+               tokenizer_candidates: Sequence[str] = (), flux_search_dirs: Sequence[str] = (),
+               t5_tokenizer_candidates: Sequence[str] = ()) -> VEModel:
+    """Load a model and put it on `device` in `dtype`, ready for sampling (eval mode, no grads). A FLUX.1
+    transformer file's VAE, CLIP and T5 files are looked for beside it and in `flux_search_dirs`."""
     torch_dtype, target = _dtype_and_device(dtype, device)
-    parts = load_components(source, torch_dtype, tokenizer_dir, tokenizer_candidates)
+    parts = load_components(source, torch_dtype, tokenizer_dir, tokenizer_candidates, flux_search_dirs,
+                            t5_tokenizer_candidates)
     return _assemble(parts, source, target, torch_dtype)
 
 
 def model_from_state_dict(state: dict, tokenizer, dtype: str = "fp32", device: str = "auto",
-                          source: str = "state dict", config_dir: Optional[str] = None) -> VEModel:
-    """A model from an SD-1.5 state dict in the original single-file layout, as a file would give it.
+                          source: str = "state dict", config_dir: Optional[str] = None,
+                          tokenizer_2=None) -> VEModel:
+    """A model from an SD-1.5 or SDXL base state dict in the original single-file layout, as a file would give it.
 
-    `tokenizer` is a CLIP tokenizer object (e.g. ComfyUI's own; a capped copy is used if it pads beyond 77).
-    The model's weights are copies: `state` and its owner are never changed, and later changes to them (a
+    The family is read from the keys, as for a file: SDXL's (`conditioner.embedders.0.` and `.1.`) goes through
+    `sdxl_single_file.components_from_sdxl_state_dict` and needs `tokenizer_2`, SDXL's second tokenizer (padding
+    with "!"); anything else through the SD-1.5 conversion, which refuses other families by name. `tokenizer`
+    (and `tokenizer_2`) are CLIP tokenizer objects (e.g. ComfyUI's own; a capped copy is used if one pads beyond
+    77). The model's weights are copies: `state` and its owner are never changed, and later changes to them (a
     ComfyUI model being patched or unpatched) do not reach the model. `source` names it in errors and repr;
-    `config_dir` defaults to the shipped SD-1.5 configs.
+    `config_dir` defaults to the shipped configs of the family (configs/sd15 or configs/sdxl).
     """
-    from .single_file import components_from_state_dict
+    from .single_file import _family, components_from_state_dict
 
     torch_dtype, target = _dtype_and_device(dtype, device)
-    parts = components_from_state_dict(state, tokenizer, config_dir=config_dir, torch_dtype=torch_dtype,
-                                       label=f"'{source}'")
+    label = f"'{source}'"
+    if _family(state) == "SDXL":
+        from .sdxl_single_file import components_from_sdxl_state_dict
+
+        if tokenizer_2 is None:
+            raise ValueError(f"{label} is SDXL: its second tokenizer (tokenizer_2, padding with '!') is needed too.")
+        parts = components_from_sdxl_state_dict(state, tokenizer, tokenizer_2, config_dir=config_dir,
+                                                torch_dtype=torch_dtype, label=label)
+    else:
+        parts = components_from_state_dict(state, tokenizer, config_dir=config_dir, torch_dtype=torch_dtype,
+                                           label=label)
     return _assemble(parts, source, target, torch_dtype)
 
 

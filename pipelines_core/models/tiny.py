@@ -341,3 +341,70 @@ def sd15_random_components(seed: int = TINY_SEED) -> dict:
         module.eval().requires_grad_(False)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "scheduler_config": dict(SD_SCHEDULER_CONFIG)}
+
+
+def _configs(family: str) -> str:
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", family)
+
+
+def _scheduler_config(family: str) -> dict:
+    import os
+
+    with open(os.path.join(_configs(family), "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def sdxl_random_components(seed: int = TINY_SEED) -> dict:
+    """SDXL-base-sized components (the shipped SDXL configs: UNet, VAE, both text encoders) with random weights
+    and the tiny tokenizer: for benchmarking at real size without a weights file. Not a meaningful model."""
+    import os
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    configs = _configs("sdxl")
+    write_tiny_tokenizer(_tokenizer_home())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(configs, "unet")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(configs, "vae")))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(configs, "text_encoder")))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(os.path.join(configs, "text_encoder_2")))
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+            "tokenizer": CLIPTokenizer.from_pretrained(_tokenizer_home()),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(_tokenizer_home(), pad_token="!"),
+            "scheduler_config": _scheduler_config("sdxl")}
+
+
+def flux_random_components(seed: int = TINY_SEED) -> dict:
+    """FLUX.1-dev-sized transformer and VAE (the shipped configs) with random weights, CLIP-L, and a T5 of T5-XXL's
+    width with 2 layers (the text is encoded once per run; its 24 layers' 4.7 B weights would only lengthen the
+    build): for benchmarking the denoiser at real size without a weights file. Not a meaningful model."""
+    import os
+
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    from .flux import FluxNetwork
+
+    write_tiny_tokenizer(_tokenizer_home())
+    tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_home())
+    t5 = T5Config.from_pretrained(os.path.join(_configs("t5xxl"), "config.json"))
+    t5.num_layers = 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel.from_config(
+            FluxTransformer2DModel.load_config(os.path.join(_configs("flux-dev"), "transformer")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(_configs("flux-vae")))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(_configs("sd15"), "text_encoder")))
+        text_encoder_2 = T5EncoderModel(t5)
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    return {"unet": FluxNetwork(transformer), "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2, "tokenizer_2": CLIPTokenizer.from_pretrained(_tokenizer_home()),
+            "scheduler_config": _scheduler_config("flux-dev")}
