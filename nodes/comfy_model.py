@@ -5,13 +5,21 @@ patchers are loaded with `force_patch_weights=True`, so every LoRA / merge patch
 (also in low-VRAM mode, where ComfyUI otherwise applies patches on the fly during the forward pass), then
 `model.model.state_dict_for_saving(clip_sd, vae_sd)` gives one state dict in the original checkpoint layout of
 the family: SD-1.x's, or SDXL base's (`conditioner.embedders.0.transformer.*` for CLIP-L,
-`conditioner.embedders.1.model.*` for OpenCLIP bigG in OpenCLIP's names). pipelines_core converts that exactly as
-it converts a file of that family, into weights of its own.
+`conditioner.embedders.1.model.*` for OpenCLIP bigG in OpenCLIP's names), or FLUX.1's (the transformer in Black
+Forest Labs' names under `model.diffusion_model.`, ae under `vae.`, DualCLIPLoader's CLIP-L and T5-XXL under
+`text_encoders.clip_l.transformer.` / `text_encoders.t5xxl.transformer.` in transformers' names). pipelines_core
+converts that exactly as it converts the files of that family, into weights of its own.
 
 Tokenizers: ComfyUI's CLIP-L tokenizer object is handed over as it is. SDXL's second tokenizer pads with "!"
 (id 0), as diffusers' SDXL `tokenizer_2` and ComfyUI's own clip_g tokenizer do; ComfyUI does that padding in its
 wrapper, while the transformers tokenizer inside pads with the end token, so a copy of it padding with "!" is
-handed over instead (ComfyUI's object is not changed).
+handed over instead (ComfyUI's object is not changed). Flux's second tokenizer is ComfyUI's T5 one as it is (the
+SentencePiece T5 tokenizer of comfy/text_encoders/t5_tokenizer, T5-v1.1's vocabulary, 512 tokens: what
+FluxPipeline's tokenizer_2 is; the video sampler pads it to 512 as FluxPipeline does, where ComfyUI pads to 256).
+
+Precision: quantised MODEL weights (Load Diffusion Model's weight_dtype fp8_*, scaled fp8, GGUF) are refused by
+name: the video sampler would need them in bf16/fp16/fp32, a copy twice their size or more. A T5 kept in fp8 (the
+t5xxl_fp8_e4m3fn file DualCLIPLoader loads) is upcast, which is exact, as Load Model does with that file.
 
 What this leaves in ComfyUI is what a KSampler run leaves: the MODEL's and CLIP's patchers are ComfyUI's
 "currently loaded" models, their shared torch modules hold the patched weights, and ComfyUI keeps the
@@ -41,6 +49,9 @@ class _Family:
     tokenizers: tuple  # attributes of clip.tokenizer
     plain_layers: tuple  # clip.layer_idx values that read the layer the pack's encoder reads
     layer_said: str  # that layer, in words
+    prediction: str = "EPS"  # ComfyUI's ModelType the shipped scheduler configs describe
+    autoencoder: str = "AutoencoderKL"  # ComfyUI's class of vae.first_stage_model
+    latent_channels: int = 4
 
 
 # ComfyUI's supported-model classes we convert, by exact class name: subclasses (SD15_instructpix2pix, the SDXL
@@ -51,12 +62,19 @@ FAMILIES = {
     "SD15": _Family("SD-1.x", "SD1ClipModel", ("clip_l",), (None, -1), "CLIP's last layer"),
     "SDXL": _Family("SDXL base", "SDXLClipModel", ("clip_l", "clip_g"), (None, -2),
                     "the penultimate layer of both text encoders"),
+    # FLUX.1 dev (guidance-distilled: ModelType.FLUX) and schnell (FLOW): DualCLIPLoader type flux (its class is
+    # flux_clip()'s FluxClipModel_), ae (an AutoencodingEngine: no quant convs) with 16 latent channels. Flux reads
+    # CLIP-L's pooled output and T5's last hidden states; a CLIP Set Last Layer would change both.
+    "Flux": _Family("FLUX.1 dev", "FluxClipModel_", ("clip_l", "t5xxl"), (None,),
+                    "the last layers of CLIP-L and T5-XXL", "FLUX", "AutoencodingEngine", 16),
+    "FluxSchnell": _Family("FLUX.1 schnell", "FluxClipModel_", ("clip_l", "t5xxl"), (None,),
+                           "the last layers of CLIP-L and T5-XXL", "FLOW", "AutoencodingEngine", 16),
 }
 # ComfyUI's names for families people connect by mistake, said in words.
 OTHER_FAMILIES = {
     "SDXLRefiner": "the SDXL refiner (it only finishes SDXL base's images)",
     "SD20": "SD-2.x", "SD21UnclipL": "SD-2.x unCLIP", "SD21UnclipH": "SD-2.x unCLIP",
-    "SD3": "Stable Diffusion 3", "Flux": "Flux.1", "FluxSchnell": "Flux.1 schnell",
+    "SD3": "Stable Diffusion 3",
     "SSD1B": "SSD-1B (a distilled SDXL with another UNet)", "Segmind_Vega": "Segmind Vega (a distilled SDXL)",
     "KOALA_700M": "KOALA (a distilled SDXL)", "KOALA_1B": "KOALA (a distilled SDXL)",
     "SD15_instructpix2pix": "InstructPix2Pix", "SDXL_instructpix2pix": "SDXL InstructPix2Pix",
@@ -105,17 +123,26 @@ def _family_of(model, clip, vae) -> tuple[str, _Family]:
     if family is None:
         said = f"{OTHER_FAMILIES[name]}, ComfyUI's '{name}'" if name in OTHER_FAMILIES else f"ComfyUI's '{name}'"
         raise ValueError(
-            f"Use ComfyUI Model: the MODEL is {said}, not SD-1.x or SDXL base ({', '.join(FAMILIES)}): "
-            "the video sampler converts SD-1.5-class and SDXL base models only; connect one of those."
+            f"Use ComfyUI Model: the MODEL is {said}, not SD-1.x, SDXL base or FLUX.1 dev/schnell "
+            f"({', '.join(FAMILIES)}): the video sampler converts those families only; connect one of them."
         )
     # Playground v2.5 (EDM) and v-prediction fine-tunes keep the family's class; the shipped scheduler configs
-    # predict noise. (A v-prediction model's saved state would say so with a 'v_pred' key; EDM's says nothing.)
+    # predict noise (SD) or velocity (Flux). (A v-prediction model's saved state would say so with a 'v_pred' key;
+    # EDM's says nothing.)
     model_type = getattr(model.model, "model_type", comfy.model_base.ModelType.EPS)
-    if model_type != comfy.model_base.ModelType.EPS:
+    if model_type.name != family.prediction:
         raise ValueError(
             f"Use ComfyUI Model: the MODEL is {family.name} with '{model_type.name}' prediction (Playground v2.5 is "
-            "EDM, some fine-tunes V_PREDICTION); the video sampler runs epsilon-prediction models only: connect an "
-            "epsilon-prediction checkpoint."
+            f"EDM, some fine-tunes V_PREDICTION); the video sampler runs {family.name} with its own "
+            f"'{family.prediction}' prediction only: connect a checkpoint that predicts that."
+        )
+    # Checked before any weight is loaded or copied: a 12B Flux transformer is too big to find out afterwards.
+    weights = str(getattr(model.model, "get_dtype", lambda: None)()).removeprefix("torch.")
+    if weights.startswith(("float8", "float4")) or getattr(model.model.model_config, "scaled_fp8", None) is not None:
+        raise ValueError(
+            f"Use ComfyUI Model: the MODEL holds {weights} (fp8-quantised) weights; the video sampler converts "
+            "bf16/fp16/fp32 weights only: set Load Diffusion Model's weight_dtype to 'default' (and start ComfyUI "
+            "without --fp8 options), or use the fp16/bf16 file."
         )
     text_model = type(clip.cond_stage_model).__name__
     if text_model != family.text_model or not all(hasattr(clip.tokenizer, t) for t in family.tokenizers):
@@ -130,10 +157,11 @@ def _family_of(model, clip, vae) -> tuple[str, _Family]:
             f"{family.layer_said} of {family.name}; remove that node (or set {plain}) on this branch."
         )
     autoencoder = type(vae.first_stage_model).__name__
-    if autoencoder != "AutoencoderKL" or vae.latent_channels != 4:
+    if autoencoder != family.autoencoder or vae.latent_channels != family.latent_channels:
+        wanted = "ae (ae.safetensors, from Load VAE)" if family.latent_channels == 16 else "checkpoint's VAE"
         raise ValueError(
             f"Use ComfyUI Model: the VAE is '{autoencoder}' with {vae.latent_channels} latent channels, "
-            f"not {family.name}'s KL autoencoder with 4: connect the {family.name} checkpoint's VAE."
+            f"not {family.name}'s KL autoencoder with {family.latent_channels}: connect the {family.name} {wanted}."
         )
     return name, family
 
@@ -151,15 +179,17 @@ def _second_tokenizer(clip):
 
 
 def comfy_checkpoint_state(model, clip, vae) -> tuple[dict, object, object, str]:
-    """(state dict in the original SD-1.x or SDXL base checkpoint layout with all weight patches baked in, the
-    CLIP(-L) tokenizer, SDXL's second tokenizer padding with "!" (None for SD-1.x), a source name) from ComfyUI's
-    MODEL, CLIP and VAE. Refuses other families, mismatched parts and clip skips by name."""
+    """(state dict in the original SD-1.x / SDXL base / FLUX.1 layout with all weight patches baked in, the
+    CLIP(-L) tokenizer, the second tokenizer (SDXL: a copy of clip_g's padding with "!"; Flux: ComfyUI's T5
+    tokenizer; None for SD-1.x), a source name) from ComfyUI's MODEL, CLIP and VAE: what `model_from_state_dict`
+    takes. Refuses other families, mismatched parts, fp8 MODEL weights and clip skips by name."""
     import comfy.model_management  # only ever called inside ComfyUI
 
     name, family = _family_of(model, clip, vae)
     _refuse_extras("MODEL", model)
     _refuse_extras("CLIP", clip.patcher)
-    tokenizer_2 = _second_tokenizer(clip) if "clip_g" in family.tokenizers else None
+    tokenizer_2 = (_second_tokenizer(clip) if "clip_g" in family.tokenizers
+                   else clip.tokenizer.t5xxl.tokenizer if "t5xxl" in family.tokenizers else None)
 
     # As comfy.sd.save_checkpoint: load both patchers with their patches written into the weights, then
     # read the state dicts (after loading: patching replaces the parameter tensors).
@@ -172,32 +202,40 @@ def comfy_checkpoint_state(model, clip, vae) -> tuple[dict, object, object, str]
 
 class VE_FromComfyModel:
     DESCRIPTION = (
-        "Use the SD-1.x or SDXL base model a ComfyUI graph loaded (Load Checkpoint, then LoRA loaders / model merges) "
-        "for video editing, with every weight patch baked in and without reading the file again. Costs one more "
-        "copy of the weights in the chosen dtype (SD-1.5: about 4 GiB in fp32, 2 GiB in fp16/bf16; SDXL: about "
-        "13 GiB in fp32, 6.5 GiB in fp16/bf16) and the time to copy them (SD-1.5: measured 3-13 s on a shared 2-core "
-        "CPU, plus about 7 s the first time diffusers' converters load; SDXL copies about 3.5 times as much); "
+        "Use the SD-1.x, SDXL base or FLUX.1 dev/schnell model a ComfyUI graph loaded (Load Checkpoint; for Flux "
+        "Load Diffusion Model + DualCLIPLoader type flux (clip_l, t5xxl) + Load VAE (ae), or a Flux checkpoint; then "
+        "LoRA loaders / model merges) for video editing, with every weight patch baked in and without reading the "
+        "files again. Costs one more copy of the weights in the chosen dtype (SD-1.5: about 4 GiB in fp32, 2 GiB in "
+        "fp16/bf16; SDXL: about 13 GiB in fp32, 6.5 GiB in fp16/bf16; FLUX.1: about 31 GiB in bf16 with T5-XXL, "
+        "twice that in fp32) and the time to copy them (SD-1.5: measured 3-13 s on a shared 2-core CPU, plus about "
+        "7 s the first time diffusers' converters load; SDXL copies about 3.5 times as much, FLUX.1 about 16 times); "
         "ComfyUI keeps its own copy for its other nodes. Weights come in the precision ComfyUI holds them (its text "
-        "encoders are fp16 unless ComfyUI runs with --fp32-text-enc): fp32 here restores nothing. Only weight "
-        "patches carry over: sampling-time patches (FreeU, IPAdapter, ...) are refused, and so is a CLIP Set Last "
-        "Layer other than the family's own (SD-1.x: -1, the last layer; SDXL: -2, the penultimate)."
+        "encoders are fp16 unless ComfyUI runs with --fp32-text-enc): fp32 here restores nothing. fp8 MODEL weights "
+        "(weight_dtype fp8_*) are refused: load Flux with weight_dtype 'default'; an fp8 T5 is upcast exactly. Only "
+        "weight patches carry over: sampling-time patches (FreeU, IPAdapter, ModelSamplingFlux, ...) are refused, and "
+        "so is a CLIP Set Last Layer other than the family's own (SD-1.x: -1, the last layer; SDXL: -2, the "
+        "penultimate; Flux: none)."
     )
     CATEGORY = "video edit/models"
     RETURN_TYPES = ("VE_MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("UNet, VAE, text encoder(s) and tokenizer(s) (SDXL: both) with ComfyUI's patches baked in, on "
-                       "the chosen device.",)
+    OUTPUT_TOOLTIPS = ("UNet (Flux: transformer), VAE, text encoder(s) and tokenizer(s) (SDXL: both CLIPs; Flux: "
+                       "CLIP-L and T5-XXL) with ComfyUI's patches baked in, on the chosen device.",)
     FUNCTION = "convert"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD-1.x or SDXL base MODEL from Load Checkpoint (after LoRA "
-                                               "loaders or model merges: their patches are baked in)."}),
+                "model": ("MODEL", {"tooltip": "An SD-1.x or SDXL base MODEL from Load Checkpoint, or a FLUX.1 dev/"
+                                               "schnell one from Load Diffusion Model (weight_dtype default) or a Flux "
+                                               "checkpoint (after LoRA loaders or model merges: their patches are "
+                                               "baked in)."}),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint (its LoRA patches too; SDXL: both "
-                                             "text encoders); its tokenizers are used as well."}),
-                "vae": ("VAE", {"tooltip": "The same family's VAE (the checkpoint's, or one from Load VAE)."}),
+                                             "text encoders; Flux: DualCLIPLoader type flux with clip_l and t5xxl); "
+                                             "its tokenizers are used as well."}),
+                "vae": ("VAE", {"tooltip": "The same family's VAE (the checkpoint's, or one from Load VAE; Flux: "
+                                           "ae)."}),
                 "dtype": (list(DTYPES), {
                     "default": "fp32",
                     "tooltip": "Weights precision: fp16/bf16 halve memory on a GPU; use fp32 on a CPU.",

@@ -25,7 +25,8 @@ COMFY_TREE = {
         base_path = os.path.dirname(os.path.realpath(__file__))
         models_dir = os.path.join(base_path, "models")
         folder_names_and_paths = {k: ([os.path.join(models_dir, k)], set()) for k in
-                                  ("checkpoints", "loras", "controlnet", "diffusers")}
+                                  ("checkpoints", "loras", "controlnet", "diffusers", "diffusion_models", "vae",
+                                   "text_encoders")}
         def get_folder_paths(name):
             return folder_names_and_paths[name][0][:]
         def get_filename_list(name):

@@ -21,7 +21,8 @@ from comfyui_video_edit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPP
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"),
                    key=lambda p: (p.stem != "lora_sdedit", p.stem))  # the LoRA graph first
 INFO = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
-QUICK = {"VE_LoadVideo": {"frame_cap": 3}, "VE_CrossFrameSampler": {"steps": 3}, "VE_DDIMInvert": {"steps": 3}}
+QUICK = {"VE_LoadVideo": {"frame_cap": 3}, "VE_CrossFrameSampler": {"steps": 3}, "VE_DDIMInvert": {"steps": 3},
+         "VE_RFInvert": {"steps": 3}, "VE_InjectFlowEdit": {"n_max": 3}}  # the inversions run the sampler's steps
 
 
 def quick_prompt(path: Path) -> dict:

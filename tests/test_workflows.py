@@ -15,7 +15,8 @@ from comfyui_video_edit.pipelines_core.video.decode import load_video
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 INFO = object_info(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
 # Smaller settings so every graph runs in seconds; the graph itself is unchanged.
-QUICK = {"VE_LoadVideo": {"frame_cap": 4}, "VE_CrossFrameSampler": {"steps": 4}, "VE_DDIMInvert": {"steps": 4}}
+QUICK = {"VE_LoadVideo": {"frame_cap": 4}, "VE_CrossFrameSampler": {"steps": 4}, "VE_DDIMInvert": {"steps": 4},
+         "VE_RFInvert": {"steps": 4}, "VE_InjectFlowEdit": {"n_max": 4}}  # the inversions run the sampler's steps
 
 
 def quick(prompt: dict) -> dict:
@@ -38,8 +39,9 @@ def test_workflow_is_ui_format_on_builtin_tiny(path):
     data = json.loads(path.read_text())
     assert "nodes" in data and "links" in data, "workflows/ holds canvas (UI) files"
     models = [n for n in workflow_prompt(path).values() if n["class_type"] == "VE_LoadModel"]
-    # the tiny built-in models run anywhere offline (builtin:tiny-ip2p: the InstructPix2Pix-shaped one)
-    assert models and all(n["inputs"]["checkpoint"] in ("builtin:tiny", "builtin:tiny-ip2p") for n in models)
+    # the tiny built-in models run anywhere offline (the InstructPix2Pix-, SDXL- and Flux-shaped ones too)
+    tiny = ("builtin:tiny", "builtin:tiny-ip2p", "builtin:tiny-sdxl", "builtin:tiny-flux")
+    assert models and all(n["inputs"]["checkpoint"] in tiny for n in models)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])

@@ -80,6 +80,13 @@ class FluxConfigs:
     def t5(self) -> str:
         return os.path.join(self.root, "t5xxl")
 
+    @classmethod
+    def at(cls, folder: str) -> "FluxConfigs":
+        """Configs in `folder`, laid out like the shipped ones; CLIP-L's from its `clip-l/` if it has one, else
+        SD-1.5's text encoder config (FLUX.1's CLIP-L)."""
+        clip = os.path.join(folder, "clip-l")
+        return cls(folder, clip) if os.path.isfile(os.path.join(clip, "config.json")) else cls(folder)
+
     def check(self) -> None:
         """Every config must be local: a missing one would otherwise send diffusers or transformers to the Hub."""
         files = [os.path.join(self.variant(v), f) for v in ("dev", "schnell")
@@ -372,6 +379,59 @@ def load_flux_single_files(transformer_path: str, vae_path: str, clip_path: str,
     text_encoder_2 = load_flux_t5(read_state_dict(t5_path), configs, torch_dtype, f"'{os.path.basename(t5_path)}'")
     return {"unet": FluxNetwork(transformer), "vae": vae, "text_encoder": text_encoder,
             "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, "scheduler_config": scheduler_config}
+
+
+# ComfyUI's saved layout of a whole Flux model (`state_dict_for_saving` of supported_models.Flux / FluxSchnell):
+# the transformer in BFL's names under `model.diffusion_model.`, ae under `vae.`, and its DualCLIPLoader text
+# encoders under `text_encoders.`: CLIP-L in transformers' names (`clip_l.transformer.text_model.*`, plus a
+# `text_projection` and `logit_scale` Flux does not use), T5 in transformers' T5 names (`t5xxl.transformer.*`).
+STATE_PARTS = {"transformer": ("the transformer", TRANSFORMER_PREFIX), "vae": ("the VAE (ae)", "vae."),
+               "clip": ("CLIP-L", "text_encoders.clip_l.transformer."), "t5": ("T5-XXL", T5_PREFIX)}
+
+
+def _owned(part: dict, torch_dtype: torch.dtype) -> dict:
+    """`part`'s tensors copied to the CPU, floating point ones cast to `torch_dtype` while copying: the converters
+    put the tensors they get into the modules as they are, so a module built from the caller's tensors would change
+    whenever the caller (ComfyUI) writes into them. Run after the quantisation checks: fp8 is never cast here."""
+    return {k: v.detach().to(device="cpu", dtype=torch_dtype if v.is_floating_point() else v.dtype, copy=True)
+            for k, v in part.items()}
+
+
+def components_from_flux_state_dict(state: dict, tokenizer, tokenizer_2, *, configs: FluxConfigs | None = None,
+                                    torch_dtype: torch.dtype = torch.float32, label: str = "the state dict") -> dict:
+    """A Flux.1 model's components from one state dict in ComfyUI's saved layout (`STATE_PARTS`), each part through
+    the converter its single file goes through; the dict `load_flux_single_files` returns. `tokenizer` is a CLIP
+    tokenizer (capped to CLIP's positions on a copy if it allows more: ComfyUI's says 8192), `tokenizer_2` T5's
+    (FluxPipeline pads it to 512). The modules own their weights: `state` is neither changed nor shared. Quantised
+    weights are refused by name, except a plain fp8 T5, upcast exactly as its single file is."""
+    from .flux import FluxNetwork
+    from .single_file import _capped_tokenizer
+
+    configs = configs or FluxConfigs()
+    configs.check()
+    parts = {name: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+             for name, (_said, prefix) in STATE_PARTS.items()}
+    if not is_flux_transformer(parts["transformer"]):
+        raise ValueError(f"{label} is Flux without a whole FLUX.1 transformer under '{TRANSFORMER_PREFIX}' (img_in, "
+                         "time_in, double_blocks, single_blocks): connect a FLUX.1 dev or schnell MODEL.")
+    missing = [f"{said} ('{prefix}')" for name, (said, prefix) in STATE_PARTS.items() if not parts[name]]
+    if missing:
+        raise ValueError(f"{label} is Flux without {', '.join(missing)}: a Flux model needs its transformer, ae and "
+                         "both text encoders (clip_l and t5xxl).")
+    # Every part is checked before any is copied or built: a refusal should not cost gigabytes of copies.
+    _check_not_quantised(parts["transformer"], label, prefixes=("",), family="Flux")
+    _check_not_quantised(parts["vae"], label, prefixes=("",), family="Flux VAE")
+    _check_not_quantised(parts["clip"], label, prefixes=("",), family="CLIP-L")
+    t5 = _upcast_plain_fp8(parts["t5"], label, torch_dtype)  # ComfyUI keeps a t5xxl_fp8 file's weights in fp8
+    clip_config = _read_json(os.path.join(configs.clip, "config.json"))
+    transformer, _variant, scheduler_config = load_flux_transformer(
+        _owned(parts.pop("transformer"), torch_dtype), configs, torch_dtype, label)
+    vae = load_flux_vae(_owned(parts.pop("vae"), torch_dtype), configs, torch_dtype, label)
+    text_encoder = load_flux_clip(_owned(parts.pop("clip"), torch_dtype), configs, torch_dtype, label)
+    text_encoder_2 = load_flux_t5(_owned(t5, torch_dtype), configs, torch_dtype, label)
+    return {"unet": FluxNetwork(transformer), "vae": vae, "text_encoder": text_encoder,
+            "tokenizer": _capped_tokenizer(tokenizer, clip_config["max_position_embeddings"]),
             "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, "scheduler_config": scheduler_config}
 
 

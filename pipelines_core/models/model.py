@@ -301,21 +301,33 @@ def load_model(source: str, dtype: str = "fp32", device: str = "auto", tokenizer
 def model_from_state_dict(state: dict, tokenizer, dtype: str = "fp32", device: str = "auto",
                           source: str = "state dict", config_dir: Optional[str] = None,
                           tokenizer_2=None) -> VEModel:
-    """A model from an SD-1.5 or SDXL base state dict in the original single-file layout, as a file would give it.
+    """A model from an SD-1.5, SDXL base or FLUX.1 state dict in the original single-file layout, as a file would
+    give it.
 
     The family is read from the keys, as for a file: SDXL's (`conditioner.embedders.0.` and `.1.`) goes through
     `sdxl_single_file.components_from_sdxl_state_dict` and needs `tokenizer_2`, SDXL's second tokenizer (padding
-    with "!"); anything else through the SD-1.5 conversion, which refuses other families by name. `tokenizer`
-    (and `tokenizer_2`) are CLIP tokenizer objects (e.g. ComfyUI's own; a capped copy is used if one pads beyond
-    77). The model's weights are copies: `state` and its owner are never changed, and later changes to them (a
-    ComfyUI model being patched or unpatched) do not reach the model. `source` names it in errors and repr;
-    `config_dir` defaults to the shipped configs of the family (configs/sd15 or configs/sdxl).
+    with "!"); Flux's (BFL's `double_blocks.`/`single_blocks.` under `model.diffusion_model.`, in ComfyUI's saved
+    layout: `flux_single_file.STATE_PARTS`) through `flux_single_file.components_from_flux_state_dict` and needs
+    `tokenizer_2`, T5's tokenizer; anything else through the SD-1.5 conversion, which refuses other families by
+    name. `tokenizer` (and SDXL's `tokenizer_2`) are CLIP tokenizer objects (e.g. ComfyUI's own; a capped copy is
+    used if one pads beyond 77). The model's weights are copies: `state` and its owner are never changed, and later
+    changes to them (a ComfyUI model being patched or unpatched) do not reach the model. `source` names it in
+    errors and repr; `config_dir` defaults to the shipped configs of the family (configs/sd15, configs/sdxl, or for
+    Flux the configs/ root holding flux-dev/, flux-schnell/, flux-vae/, t5xxl/: `FluxConfigs.at`).
     """
     from .single_file import _family, components_from_state_dict
 
     torch_dtype, target = _dtype_and_device(dtype, device)
     label = f"'{source}'"
-    if _family(state) == "SDXL":
+    family = _family(state)
+    if family == "Flux":
+        from .flux_single_file import FluxConfigs, components_from_flux_state_dict
+
+        if tokenizer_2 is None:
+            raise ValueError(f"{label} is Flux: its T5 tokenizer (tokenizer_2) is needed too.")
+        parts = components_from_flux_state_dict(state, tokenizer, tokenizer_2, torch_dtype=torch_dtype, label=label,
+                                                configs=FluxConfigs.at(config_dir) if config_dir else None)
+    elif family == "SDXL":
         from .sdxl_single_file import components_from_sdxl_state_dict
 
         if tokenizer_2 is None:
