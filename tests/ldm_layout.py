@@ -182,3 +182,30 @@ def to_ldm_checkpoint(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     state.update(clip_to_ldm(text_encoder.state_dict(), text_encoder.config.max_position_embeddings))
     state.update(sd_schedule_buffers())
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def controlnet_to_ldm(cn, prefix: str = "") -> dict:
+    """A diffusers ControlNet's weights under the original ControlNet key names (input_blocks, zero_convs,
+    input_hint_block, middle_block_out; for SDXL the added text/time embedding as label_emb.0.{0,2}), as the
+    original single files store them; `prefix` e.g. "control_model."."""
+    state = {k: v.clone() for k, v in cn.state_dict().items()}
+    out = {}
+    blocks = len(cn.controlnet_cond_embedding.blocks)
+    for key in [k for k in state if k.startswith(("controlnet_", "add_embedding."))]:
+        head, param = key.rsplit(".", 1)
+        if head == "controlnet_cond_embedding.conv_in":
+            name = "input_hint_block.0"
+        elif head == "controlnet_cond_embedding.conv_out":
+            name = f"input_hint_block.{2 * (blocks + 1)}"
+        elif head.startswith("controlnet_cond_embedding.blocks."):
+            name = f"input_hint_block.{2 * (int(head.rsplit('.', 1)[1]) + 1)}"
+        elif head.startswith("controlnet_down_blocks."):
+            name = f"zero_convs.{head.rsplit('.', 1)[1]}.0"
+        elif head.startswith("add_embedding.linear_"):
+            name = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}[head]
+        else:
+            assert head == "controlnet_mid_block", head
+            name = "middle_block_out.0"
+        out[f"{name}.{param}"] = state.pop(key)
+    out.update({k[len(UNET_PREFIX):]: v.contiguous() for k, v in unet_to_ldm(state).items()})
+    return {prefix + k: v for k, v in out.items()}

@@ -18,6 +18,7 @@ from comfyui_video_edit.pipelines_core.sampling.hooks import StepState
 from comfyui_video_edit.pipelines_core.sampling.sampler import edit_video
 from comfyui_video_edit.pipelines_core.sampling.settings import SamplerSettings
 from comfyui_video_edit.pipelines_core.sampling.schedulers import make_scheduler
+from ldm_layout import controlnet_to_ldm
 
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 SIZE = (64, 48)  # (height, width) of the comparison with diffusers
@@ -234,31 +235,6 @@ def test_bad_unit_settings_are_refused(cn, hints, bad, message):
 
 # --- loading --------------------------------------------------------------------------------------------
 
-def _ldm_layout(cn: ControlNetModel, prefix: str = "") -> dict:
-    """The ControlNet's weights under the original ControlNet key names (input_blocks, zero_convs, input_hint_block)."""
-    from ldm_layout import UNET_PREFIX, unet_to_ldm
-
-    state = {k: v.clone() for k, v in cn.state_dict().items()}
-    out = {}
-    blocks = len(cn.controlnet_cond_embedding.blocks)
-    for key in [k for k in state if k.startswith(("controlnet_", ))]:
-        head, param = key.rsplit(".", 1)
-        if head == "controlnet_cond_embedding.conv_in":
-            name = "input_hint_block.0"
-        elif head == "controlnet_cond_embedding.conv_out":
-            name = f"input_hint_block.{2 * (blocks + 1)}"
-        elif head.startswith("controlnet_cond_embedding.blocks."):
-            name = f"input_hint_block.{2 * (int(head.rsplit('.', 1)[1]) + 1)}"
-        elif head.startswith("controlnet_down_blocks."):
-            name = f"zero_convs.{head.rsplit('.', 1)[1]}.0"
-        else:
-            assert head == "controlnet_mid_block", head
-            name = "middle_block_out.0"
-        out[f"{name}.{param}"] = state.pop(key)
-    out.update({k[len(UNET_PREFIX):]: v for k, v in unet_to_ldm(state).items()})
-    return {prefix + k: v for k, v in out.items()}
-
-
 def _same_weights(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -278,7 +254,7 @@ def test_single_file_in_original_layout_converts_offline(cn, tmp_path, no_networ
 
     cn.save_config(str(tmp_path / "config"))
     path = str(tmp_path / f"control_tiny.{fmt}")
-    state = _ldm_layout(cn, prefix)
+    state = controlnet_to_ldm(cn, prefix)
     save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
     loaded = load_controlnet(path, torch.float32, "cpu", config_dir=str(tmp_path / "config"))
     _same_weights(cn, loaded)
@@ -304,9 +280,9 @@ def test_loading_errors_are_one_line_and_say_what_to_do(cn, tmp_path, no_network
     save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, str(tmp_path / "sd.safetensors"))
     cases.append((str(tmp_path / "sd.safetensors"), "holds no ControlNet weights"))
     # A tiny ControlNet (text width 32) against the shipped SD-1.5 config (768).
-    save_file(_ldm_layout(cn), str(tmp_path / "tiny.safetensors"))
+    save_file(controlnet_to_ldm(cn), str(tmp_path / "tiny.safetensors"))
     cases.append((str(tmp_path / "tiny.safetensors"), "pick an SD-1.5 ControlNet"))
-    truncated = _ldm_layout(cn)
+    truncated = controlnet_to_ldm(cn)
     truncated.pop("zero_convs.0.0.weight")
     save_file(truncated, str(tmp_path / "truncated.safetensors"))
     cn.save_config(str(tmp_path / "config"))

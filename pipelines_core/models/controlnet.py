@@ -25,6 +25,9 @@ from typing import Optional, Union
 import torch
 
 CONTROLNET_SD15_CONFIG_DIR = str(Path(__file__).resolve().parent / "configs" / "controlnet_sd15")
+CONTROLNET_SDXL_CONFIG_DIR = str(Path(__file__).resolve().parent / "configs" / "controlnet_sdxl")
+# The shipped config each family's single files are converted with when no config folder is given.
+CONTROLNET_CONFIG_DIRS = {"SD-1.5": CONTROLNET_SD15_CONFIG_DIR, "SDXL": CONTROLNET_SDXL_CONFIG_DIR}
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 _LDM_PREFIX = "control_model."  # full ControlNet v1.0 training checkpoints nest the ControlNet here
 
@@ -152,6 +155,32 @@ def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch
     return out
 
 
+def controlnet_family(config) -> str:
+    """The model family a ControlNet (or UNet) config belongs to, for messages: SDXL reads the added text/time
+    embedding; otherwise the text width tells SD-2.x (1024) from SD-1.5 (768, and the pack's tiny models)."""
+    if (config.get("addition_embed_type") if isinstance(config, dict) else getattr(config, "addition_embed_type", None)) == "text_time":
+        return "SDXL"
+    width = config["cross_attention_dim"] if isinstance(config, dict) else config.cross_attention_dim
+    return "SD-2.x" if width == 1024 else "SD-1.5"
+
+
+def _check_family(unit: "ControlUnit", n: int, model) -> None:
+    """One line, before any step, when `unit`'s ControlNet reads text of another width than `model`'s UNet."""
+    unet_config = getattr(getattr(model, "unet", None), "config", None)
+    width = getattr(unet_config, "cross_attention_dim", None)
+    if width is None:  # no model given, or a denoiser without UNet-style text width: the first call checks
+        return
+    expects = unit.controlnet.config.cross_attention_dim
+    if expects != width:
+        family = getattr(getattr(model, "backbone", None), "name", None) or controlnet_family(unet_config)
+        label = f"ControlNet #{n}" + (f" {unit.name!r}" if unit.name else "")
+        raise ValueError(
+            f"{label} expects text features of width {expects} but the model gives {width}: it is an "
+            f"{controlnet_family(unit.controlnet.config)} ControlNet and the model is {family}; "
+            f"feed ControlNet Condition an {family} ControlNet"
+        )
+
+
 # --- the stack the sampler consumes -----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -167,8 +196,10 @@ class ControlStack:
     def __len__(self) -> int:
         return len(self.units)
 
-    def check(self, frame_count: int, size: tuple) -> None:
-        """Fail before sampling when hints do not match the frames being sampled (size is (height, width))."""
+    def check(self, frame_count: int, size: tuple, model=None) -> None:
+        """Fail before sampling when hints do not match the frames being sampled (size is (height, width)), and,
+        given the `model` (a LoadedModel), when a ControlNet reads text features of another width than its UNet's
+        (a ControlNet of another family), which would otherwise fail only at the first UNet call."""
         for n, unit in enumerate(self.units, 1):
             which = f"ControlNet #{n}" + (f" ({unit.name})" if unit.name else "")
             if unit.frame_count != frame_count:
@@ -182,6 +213,7 @@ class ControlStack:
                     f"{which} has {hw}x{hh} hints but the sampler makes {w}x{h} frames: "
                     "resize the images fed to ControlNet Condition to the sampler's size"
                 )
+            _check_family(unit, n, model)
 
     def attention_modules(self) -> list:
         """The ControlNets whose attention should follow the sampler's cross-frame rule, each once (a model
@@ -239,6 +271,16 @@ def _ldm_controlnet(state: dict) -> Optional[dict]:
     return None
 
 
+def single_file_family(keys) -> str:
+    """The family a ControlNet single file's keys say it is for: SDXL when it has SDXL's added text/time embedding
+    (diffusers layout `add_embedding.*`, the original layout `label_emb.*`, maybe under `control_model.`), SD-1.5
+    otherwise (SD-1.5 ControlNets have neither)."""
+    for key in keys:
+        if key.startswith(("add_embedding.linear_1.", "label_emb.", _LDM_PREFIX + "label_emb.")):
+            return "SDXL"
+    return "SD-1.5"
+
+
 def _read_config(config_dir: str) -> dict:
     import json
 
@@ -249,8 +291,8 @@ def _read_config(config_dir: str) -> dict:
         return json.load(f)
 
 
-def _check_single_file(state: dict, config: dict, path: str) -> None:
-    """One-line errors for files that are not ControlNets shaped like the config (SD-1.5 by default)."""
+def _check_single_file(state: dict, config: dict, path: str, family: str = "SD-1.5") -> None:
+    """One-line errors for files that are not ControlNets shaped like the config; `family`: what the file's keys say."""
     name = os.path.basename(path)
     ldm = _ldm_controlnet(state)
     if ldm is None and "controlnet_cond_embedding.conv_in.weight" not in state:
@@ -260,19 +302,44 @@ def _check_single_file(state: dict, config: dict, path: str) -> None:
         )
     weights = ldm if ldm is not None else state
     widths = {v.shape[-1] for k, v in weights.items() if k.endswith("attn2.to_k.weight")}
+    wants = controlnet_family(config)
     if widths and widths != {config["cross_attention_dim"]}:
         raise ValueError(
-            f"'{name}' is a ControlNet for text features of width {sorted(widths)}, not "
-            f"{config['cross_attention_dim']} (SD-1.5): pick an SD-1.5 ControlNet, or a diffusers folder with its config"
+            f"'{name}' is an {family} ControlNet for text features of width {sorted(widths)}, not "
+            f"{config['cross_attention_dim']} (the {wants} config): pick an {wants} ControlNet, or a diffusers "
+            "folder with its config"
+        )
+    if family == "SDXL" and config.get("addition_embed_type") != "text_time":
+        raise ValueError(
+            f"'{name}' is an SDXL ControlNet but the config is {wants}'s (no text_time added embedding): "
+            "give an SDXL ControlNet config folder, or none"
         )
 
 
-def _mismatch(source: str, missing: tuple = ()) -> ValueError:
+def _mismatch(source: str, missing: tuple = (), family: str = "SD-1.5") -> ValueError:
     detail = f" ({len(missing)} missing, e.g. {missing[0]})" if missing else ""
     return ValueError(
         f"'{os.path.basename(source)}' is incomplete or not shaped like the ControlNet config{detail}: "
-        "pick an SD-1.5 ControlNet file, or a diffusers ControlNet folder"
+        f"pick an {family} ControlNet file, or a diffusers ControlNet folder"
     )
+
+
+def _converted_sdxl_ldm(state: dict, config: dict) -> dict:
+    """An original-layout SDXL file in diffusers keys, or `state` itself for any other file. Such files keep SDXL's
+    added text/time embedding as `label_emb.0.{0,2}`, which diffusers' ControlNet converter does not map (its key
+    table names them, its ControlNet converter leaves them out), so the file is converted here with that converter
+    and the embedding added; `from_single_file` then takes the result as diffusers keys. A missing tensor stays None
+    and fails there (reported as a mismatch)."""
+    ldm = _ldm_controlnet(state)
+    if ldm is None or not any(k.startswith("label_emb.") for k in ldm):
+        return state
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    converted = convert_controlnet_checkpoint(checkpoint=ldm, config=config)
+    for linear, index in ((1, 0), (2, 2)):
+        for param in ("weight", "bias"):
+            converted[f"add_embedding.linear_{linear}.{param}"] = ldm.get(f"label_emb.0.{index}.{param}")
+    return converted
 
 
 def _finish(model: torch.nn.Module, source: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -300,7 +367,8 @@ def load_controlnet(
     """Load a ControlNet offline from a diffusers folder (config.json + weights) or a single file.
 
     Single files (.safetensors/.pth, the original ControlNet layout or diffusers keys) are converted with
-    the config in `config_dir` (default: the shipped SD-1.5 ControlNet v1.1 config); nothing is downloaded.
+    the config in `config_dir`; without one, with the shipped config of the family the file's keys say
+    (`single_file_family`: SDXL base ControlNet or SD-1.5 ControlNet v1.1). Nothing is downloaded.
     """
     from diffusers import ControlNetModel
 
@@ -327,16 +395,17 @@ def load_controlnet(
         raise FileNotFoundError(f"ControlNet {source!r} not found: give a diffusers ControlNet folder or a .safetensors/.pth file")
     if not source.lower().endswith(CONTROLNET_SUFFIXES):
         raise ValueError(f"'{os.path.basename(source)}' is not a ControlNet file: expected one of {', '.join(CONTROLNET_SUFFIXES)}")
-    config_dir = str(config_dir or CONTROLNET_SD15_CONFIG_DIR)
-    config = _read_config(config_dir)
     state = read_state_dict(source)
-    _check_single_file(state, config, source)
+    family = single_file_family(state)
+    config_dir = str(config_dir or CONTROLNET_CONFIG_DIRS[family])
+    config = _read_config(config_dir)
+    _check_single_file(state, config, source, family)
     with hub_offline():
         try:
             model = ControlNetModel.from_single_file(
-                state, config=config_dir, local_files_only=True, torch_dtype=load_dtype
+                _converted_sdxl_ldm(state, config), config=config_dir, local_files_only=True, torch_dtype=load_dtype
             )
         except (AttributeError, KeyError, NotImplementedError, RuntimeError) as err:
             # diffusers' converter meets a missing or misshapen tensor (None, meta or size mismatch)
-            raise _mismatch(source) from err
+            raise _mismatch(source, family=family) from err
     return _finish(model, source, dtype, device)

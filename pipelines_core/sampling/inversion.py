@@ -183,7 +183,7 @@ def invert_video(
     _check_settings(steps, cfg, chunk_size, attention, record)
     frame_count, height, width = frames.shape[:3]
     if control is not None and len(control):
-        control.check(frame_count, (height, width))
+        control.check(frame_count, (height, width), model)
         if null_text:
             raise ValueError("DDIM Invert: null-text inversion does not take a ControlNet yet; disconnect control "
                              "or turn null_text off")

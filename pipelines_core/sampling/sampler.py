@@ -107,7 +107,7 @@ def sample_video(
                          "a latent or an inversion, or disconnect the mask")
     keep_mask = edit_mask(mask, noise_mask, frame_count, (size[0] // 8, size[1] // 8))
     if control is not None:
-        control.check(frame_count, size)
+        control.check(frame_count, size, model)
     check_conditioning(model, conditioning, injection, frame_count, size, control)
     # 2. Encode the prompts
     cond_text, uncond_text = encode_text(model, settings.prompt), encode_text(model, settings.negative_prompt)
