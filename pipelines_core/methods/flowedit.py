@@ -29,7 +29,7 @@ import torch
 from ..models.model import encode_frames, encode_text
 from ..sampling.hooks import Hooks, StepState
 from ..sampling.injection import Injection, InjectionPlan, PlanContext
-from ..sampling.starts import Begun, Start, StartContext, frame_generators
+from ..sampling.starts import Begun, Start, StartContext, frame_generators, per_frame_noise
 from ..video.frames import check_image_batch
 
 
@@ -116,10 +116,7 @@ class FlowEditRun:
         return index >= self.steps - self.params.n_min
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        one = (1,) + tuple(like.shape[1:])
-        return torch.cat([randn_tensor(one, generator=g, device=like.device, dtype=like.dtype) for g in self.generators])
+        return per_frame_noise(like.shape, self.generators, like.device, like.dtype)
 
     def keep_source(self, state: StepState) -> torch.Tensor:
         """Before the first step: the loop's latents are the clean source."""

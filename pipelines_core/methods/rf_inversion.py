@@ -30,6 +30,9 @@ from typing import Optional
 
 import torch
 
+from ..attention import attention_processors
+from ..attention.joint import JointVideoAttnProcessor
+from ..attention.rules import get_rule
 from ..models.model import VEModel, encode_frames, encode_text
 from ..progress import Progress
 from ..sampling.chunks import plan_chunks
@@ -38,7 +41,7 @@ from ..sampling.hooks import StepState
 from ..sampling.injection import Injection, InjectionPlan, PlanContext
 from ..sampling.loop import denoise_loop
 from ..sampling.schedulers import make_scheduler
-from ..sampling.starts import Begun, Start, StartContext, frame_generators, initial_noise
+from ..sampling.starts import Begun, Start, StartContext, frame_generators, per_frame_noise
 from ..video.frames import check_image_batch
 
 
@@ -92,10 +95,6 @@ def rf_invert(model: VEModel, frames: torch.Tensor, prompt: str = "", steps: int
               seed: int = 0, attention: str = "none", chunk_size: int = 8,
               progress: Optional[Progress] = None) -> FlowInversion:
     """RF-Inversion of a ComfyUI IMAGE batch with a flow-matching model (see the module docstring)."""
-    from ..attention import attention_processors
-    from ..attention.joint import JointVideoAttnProcessor
-    from ..attention.rules import get_rule
-
     # 1. Check everything before the first step
     check_image_batch(frames, "RF-Inversion: images", multiple_of=8)
     size = tuple(frames.shape[1:3])
@@ -111,8 +110,7 @@ def rf_invert(model: VEModel, frames: torch.Tensor, prompt: str = "", steps: int
     # 2. The clean latents, the noise they are driven to, the prompt
     clean = encode_frames(model, frames)
     shape = tuple(clean.shape)
-    settings = SimpleNamespace(noise="per_frame", seed=seed)
-    target = initial_noise(shape, settings, frame_generators(seed, shape[0]), model.device, model.dtype)
+    target = per_frame_noise(shape, frame_generators(seed, shape[0]), model.device, model.dtype)
     text = encode_text(model, prompt)
     _, guidance = backbone.guidance_split(0.0)  # the paper inverts without guidance
     added = backbone.added_conditioning(model, {"cond": text.pooled}, size, guidance)

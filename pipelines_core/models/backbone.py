@@ -195,7 +195,6 @@ class FluxBackbone(Backbone):
     joint_attention = True
     size_multiple = 16  # 8x VAE, then 2x2 patches
     max_text_tokens = 512  # FluxPipeline's max_sequence_length
-    refused_methods = {}  # every injection is refused on Flux except its own starts: see `check_method`
 
     def check_method(self, mode: str) -> None:
         if mode not in FLOW_METHODS:

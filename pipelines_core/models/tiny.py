@@ -329,7 +329,7 @@ def sd15_random_components(seed: int = TINY_SEED) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sd15")
+    configs = _configs("sd15")
     write_tiny_tokenizer(_tokenizer_home())
     tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_home())
     with torch.random.fork_rng(devices=[]):

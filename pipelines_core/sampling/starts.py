@@ -84,15 +84,23 @@ def frame_generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + f) for f in range(count)]
 
 
-def initial_noise(shape: tuple, settings: "SamplerSettings", generators: Sequence[torch.Generator],
-                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def per_frame_noise(shape: tuple, generators: Sequence[torch.Generator], device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Noise of `shape` (frames, ...), frame f drawn from `generators[f]` (diffusers' draw, per frame)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     one = (1,) + tuple(shape[1:])
-    if settings.noise == "shared":
-        g = torch.Generator("cpu").manual_seed(settings.seed)
-        return randn_tensor(one, generator=g, device=device, dtype=dtype).expand(shape).clone()
     return torch.cat([randn_tensor(one, generator=g, device=device, dtype=dtype) for g in generators])
+
+
+def initial_noise(shape: tuple, settings: "SamplerSettings", generators: Sequence[torch.Generator],
+                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if settings.noise == "shared":
+        from diffusers.utils.torch_utils import randn_tensor
+
+        g = torch.Generator("cpu").manual_seed(settings.seed)
+        return randn_tensor((1,) + tuple(shape[1:]), generator=g, device=device, dtype=dtype).expand(shape).clone()
+    return per_frame_noise(shape, generators, device, dtype)
 
 
 def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
